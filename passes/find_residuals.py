@@ -1,0 +1,323 @@
+"""Pass 3: find the residual blocks of a traced graph with dominator analysis.
+
+For every add-like node ``join`` (``operator.add``, ``operator.iadd``,
+``torch.add``, ``Tensor.add``, ``Tensor.add_``, either argument order):
+
+1. ``fork = idom(join)`` in the graph rooted at a virtual source feeding the
+   placeholders. ``get_attr`` nodes (and anything computed only from them) are
+   constants: they are not connected to the source, so ``x + self.gamma * f(x)``
+   keeps ``x`` as its dominator.
+2. ``region`` = nodes reachable from ``fork`` that reach ``join``, both
+   excluded. The block is single-exit when ``join`` post-dominates every region
+   node (post-dominators: dominators of the reversed graph from a virtual sink
+   fed by the output). Region nodes read outside the block (feature taps,
+   auxiliary heads) are recorded in ``ResidualBlock.tapped``; planning keeps
+   such blocks. A fork that is also read elsewhere does not disqualify the
+   block (only chaining, which planning checks).
+3. Identity shortcut iff ``fork`` is an operand of ``join``. Otherwise the
+   operand whose exclusive path has no nonlinearity is a projection shortcut
+   (1x1 conv + norm, subsample + zero-pad, pooling); when both or neither
+   operand has one, the add joins parallel branches (Inception-style) and is
+   rejected.
+4. A single element-wise activation that is ``join``'s only user is the
+   block's ``post_op``.
+
+Adds of a constant, adds whose operands come from different model inputs and
+adds whose result is unused are rejected with the reason.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+from passes.ir import RejectedAdd, ResidualBlock
+from passes.trace import module_path
+
+ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+ADD_METHODS = frozenset({"add", "add_"})
+
+ACTIVATION_NAMES = frozenset(
+    {
+        "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
+        "hardtanh", "leaky_relu", "elu", "selu", "celu", "mish", "softplus", "prelu",
+        "rrelu", "logsigmoid", "softsign", "tanhshrink", "threshold", "swish",
+        "leakyrelu", "logsoftmax", "softmax", "log_softmax", "softmin", "glu",
+    }
+)  # fmt: skip
+"""Nonlinearities, by function/method name or lower-cased module class name."""
+NOT_ELEMENTWISE = frozenset({"softmax", "log_softmax", "logsoftmax", "softmin", "glu"})
+
+
+class _Virtual:
+    """The virtual source / sink of the dominator graphs."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+SOURCE = _Virtual("<source>")
+SINK = _Virtual("<sink>")
+
+
+def find_residuals(gm: GraphModule) -> tuple[list[ResidualBlock], list[RejectedAdd]]:
+    """Find the residual blocks (``join = shortcut + branch(fork)``) of ``gm``.
+
+    Preconditions: ``gm`` comes from ``passes.trace.trace`` (module-level graph,
+    ``meta["nn_module_stack"]`` on the nodes). Shapes are not needed.
+
+    Postconditions: every add-like node of ``gm`` appears exactly once, either
+    as the ``join`` of a ResidualBlock or as a RejectedAdd; both lists are in
+    graph order. Block names are unique: the innermost module whose forward
+    holds the add (``layer3.4``), else the common module prefix of the region,
+    else the add node's name. ``gm`` is not modified.
+    """
+    flow = _dataflow_graph(gm)
+    dominator = _immediate_dominators(flow, SOURCE)
+    post_dominates = _PostDominance(flow)
+    blocks: list[ResidualBlock] = []
+    rejected: list[RejectedAdd] = []
+    for node in gm.graph.nodes:
+        if not is_add(node):
+            continue
+        found = _analyse_add(gm, node, dominator, post_dominates)
+        (blocks if isinstance(found, ResidualBlock) else rejected).append(found)
+    _make_names_unique(blocks)
+    return blocks, rejected
+
+
+def is_add(node: Node) -> bool:
+    """True for the add-like nodes revcompile recognises as possible joins."""
+    if node.op == "call_function":
+        return any(node.target is add for add in ADD_FUNCTIONS)
+    return node.op == "call_method" and node.target in ADD_METHODS
+
+
+def activation_name(gm: GraphModule, node: Node) -> str | None:
+    """The nonlinearity ``node`` applies (e.g. ``"relu"``), or None."""
+    if node.op == "call_module":
+        name = type(gm.get_submodule(node.target)).__name__.lower()
+        return name if name in ACTIVATION_NAMES else None
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+    elif node.op == "call_method":
+        name = node.target
+    else:
+        return None
+    name = name.rstrip("_")
+    return name if name in ACTIVATION_NAMES else None
+
+
+def _dataflow_graph(gm: GraphModule) -> nx.DiGraph:
+    flow = nx.DiGraph()
+    flow.add_nodes_from((SOURCE, SINK))
+    for node in gm.graph.nodes:
+        flow.add_node(node)
+        if node.op == "placeholder":
+            flow.add_edge(SOURCE, node)
+        elif node.op == "output":
+            flow.add_edge(node, SINK)
+        flow.add_edges_from((node, user) for user in node.users)
+    return flow
+
+
+def _immediate_dominators(graph: nx.DiGraph, start: object) -> dict:
+    """``nx.immediate_dominators`` without ``start`` (some releases map it to itself)."""
+    dominator = dict(nx.immediate_dominators(graph, start))
+    dominator.pop(start, None)
+    return dominator
+
+
+class _PostDominance:
+    """``post_dominates(a, n)``: every path from ``n`` to the output passes ``a``.
+
+    Built once from the post-dominator tree (dominators of the reversed graph
+    from the sink) with DFS entry/exit numbers, so each query is O(1). Nodes
+    that do not reach the output (dead code) are not in the tree.
+    """
+
+    def __init__(self, flow: nx.DiGraph) -> None:
+        parent = _immediate_dominators(flow.reverse(copy=False), SINK)
+        children: dict[object, list[object]] = {}
+        for node, dominator in parent.items():
+            children.setdefault(dominator, []).append(node)
+        self.entry: dict[object, int] = {}
+        self.exit: dict[object, int] = {}
+        counter = 0
+        stack: list[tuple[object, bool]] = [(SINK, False)]
+        while stack:
+            node, finished = stack.pop()
+            counter += 1
+            if finished:
+                self.exit[node] = counter
+                continue
+            self.entry[node] = counter
+            stack.append((node, True))
+            stack.extend((child, False) for child in children.get(node, ()))
+
+    def reaches_output(self, node: object) -> bool:
+        return node in self.entry
+
+    def __call__(self, a: object, node: object) -> bool:
+        if not (self.reaches_output(a) and self.reaches_output(node)):
+            return False
+        return self.entry[a] <= self.entry[node] and self.exit[node] <= self.exit[a]
+
+
+def _add_operands(node: Node) -> tuple[object, object]:
+    """The two summands, whether passed by position or by keyword."""
+    names = ("self", "other") if node.op == "call_method" else ("input", "other")
+    operands = list(node.args[:2])
+    operands += [node.kwargs.get(name) for name in names[len(operands) :]]
+    return operands[0], operands[1]
+
+
+def _analyse_add(
+    gm: GraphModule, join: Node, dominator: dict, post_dominates: _PostDominance
+) -> ResidualBlock | RejectedAdd:
+    operands = _add_operands(join)
+    constants = [op for op in operands if not isinstance(op, Node) or op not in dominator]
+    if constants:
+        described = ", ".join(
+            f"{op.op} {op.target}" if isinstance(op, Node) else repr(op) for op in constants
+        )
+        return RejectedAdd(join, f"adds a constant ({described}), not a residual branch")
+    if not post_dominates.reaches_output(join):
+        return RejectedAdd(join, "result of the add is never used (an in-place add statement?)")
+    fork = dominator[join]
+    if fork is SOURCE:
+        return RejectedAdd(join, "operands come from different model inputs: no single fork")
+    first, second = operands
+    if first is second:
+        return RejectedAdd(join, f"adds {first.name} to itself, not a residual branch")
+
+    region = _region(fork, join, dominator)
+    tapped = [
+        node
+        for node in region
+        if not post_dominates(join, node)
+        and any(
+            user is not join and user not in region and post_dominates.reaches_output(user)
+            for user in node.users
+        )
+    ]
+    if fork in operands:
+        shortcut_out = fork
+        branch_out = second if first is fork else first
+        shortcut = "identity"
+    else:
+        projection = _projection_operand(gm, fork, first, second, dominator)
+        if projection is None:
+            return RejectedAdd(
+                join,
+                f"joins parallel branches from {fork.name} ({first.name}, {second.name}); "
+                "neither is a shortcut (multi-branch / Inception-style add)",
+            )
+        shortcut_out = projection
+        branch_out = second if projection is first else first
+        shortcut = "projection"
+    ordered_region = [node for node in gm.graph.nodes if node in region]
+    return ResidualBlock(
+        name=_block_name(join, ordered_region),
+        fork=fork,
+        join=join,
+        branch_out=branch_out,
+        shortcut_out=shortcut_out,
+        region=ordered_region,
+        shortcut=shortcut,
+        post_op=_post_op(gm, join),
+        tapped=tapped,
+    )
+
+
+def _region(fork: Node, join: Node, dominator: dict) -> set[Node]:
+    """Nodes on paths fork -> join, both excluded.
+
+    Walking backwards from ``join`` and stopping at ``fork`` visits exactly
+    these nodes plus constants (nodes unreachable from the source, absent from
+    ``dominator``): ``fork`` dominates ``join``, so no other path reaches it.
+    """
+    return _backward_closure(join.all_input_nodes, stop=fork, dominator=dominator)
+
+
+def _backward_closure(starts: Iterable[Node], stop: Node, dominator: dict) -> set[Node]:
+    seen: set[Node] = set()
+    pending = [node for node in starts if node is not stop and node in dominator]
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        pending.extend(inp for inp in node.all_input_nodes if inp is not stop and inp in dominator)
+    return seen
+
+
+def _projection_operand(
+    gm: GraphModule, fork: Node, first: Node, second: Node, dominator: dict
+) -> Node | None:
+    """The operand computed from ``fork`` without a nonlinearity, when exactly
+    one of the two is (the projection shortcut); else None."""
+    first_path = _backward_closure([first], stop=fork, dominator=dominator)
+    second_path = _backward_closure([second], stop=fork, dominator=dominator)
+    first_nonlinear = any(activation_name(gm, node) for node in first_path - second_path)
+    second_nonlinear = any(activation_name(gm, node) for node in second_path - first_path)
+    if first_nonlinear == second_nonlinear:
+        return None
+    return second if first_nonlinear else first
+
+
+def _post_op(gm: GraphModule, join: Node) -> Node | None:
+    if len(join.users) != 1:
+        return None
+    (user,) = join.users
+    name = activation_name(gm, user)
+    if name is None or name in NOT_ELEMENTWISE or user.all_input_nodes != [join]:
+        return None
+    return user
+
+
+def _block_name(join: Node, region: list[Node]) -> str:
+    add_path = module_path(join)
+    region_paths = [module_path(node) for node in region]
+    if add_path and all(_within(path, add_path) for path in region_paths):
+        return add_path
+    return common_module_prefix(region_paths) or join.name
+
+
+def _within(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def common_module_prefix(paths: Iterable[str]) -> str:
+    """The longest dotted module path that every path in ``paths`` lies within."""
+    split_paths = [path.split(".") for path in paths]
+    if not split_paths:
+        return ""
+    prefix: list[str] = []
+    for parts in zip(*split_paths):
+        if any(part != parts[0] for part in parts):
+            break
+        prefix.append(parts[0])
+    return ".".join(prefix)
+
+
+def _make_names_unique(blocks: list[ResidualBlock]) -> None:
+    """Blocks that share a name (several adds in one module forward) fall back
+    to the common module prefix of their region, then to the add node's name."""
+    for fallback in (
+        lambda block: common_module_prefix(module_path(node) for node in block.region),
+        lambda block: block.join.name,
+    ):
+        counts: dict[str, int] = {}
+        for block in blocks:
+            counts[block.name] = counts.get(block.name, 0) + 1
+        for block in blocks:
+            if counts[block.name] > 1:
+                block.name = fallback(block) or block.join.name

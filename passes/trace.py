@@ -1,0 +1,101 @@
+"""Pass 1: trace an ``nn.Module`` into a module-level ``torch.fx.GraphModule``.
+
+``nn.Identity`` is traced through (it leaves no node), so an identity shortcut
+written ``self.shortcut = nn.Identity()`` reads the block input directly.
+
+Leaf modules (kept as single ``call_module`` nodes instead of being traced
+through):
+
+- everything fx treats as a leaf by default (``torch.nn`` layers: Conv2d,
+  BatchNorm2d, Linear, activations, ...);
+- stochastic-depth modules (class name ``DropPath`` or ``StochasticDepth``, as
+  in timm and ``torchvision.ops``), so the graph does not depend on train/eval
+  mode;
+- revcompile's own runtime modules (``ReversibleSequence``,
+  ``AdditiveCoupling``), so converted models can be analysed again;
+- timm's registered no-trace modules and functions, when timm is installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Tracer
+
+from revcompile.errors import ConversionError
+
+STOCHASTIC_DEPTH_CLASS_NAMES = frozenset({"DropPath", "StochasticDepth"})
+
+
+def _timm_notrace_registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """timm's registered no-trace module classes and functions; empty without timm."""
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:
+        try:
+            from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+        except ImportError:
+            return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+class ResidualTracer(Tracer):
+    """fx tracer that keeps ``torch.nn`` layers, stochastic depth, revcompile's
+    runtime modules and timm's no-trace modules as leaves."""
+
+    def __init__(self) -> None:
+        timm_modules, timm_functions = _timm_notrace_registry()
+        super().__init__(autowrap_functions=timm_functions)
+        self.extra_leaf_classes = timm_modules
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        module_class = type(m)
+        if module_class is nn.Identity:
+            return False
+        return (
+            super().is_leaf_module(m, module_qualified_name)
+            or module_class.__name__ in STOCHASTIC_DEPTH_CLASS_NAMES
+            or module_class.__module__.startswith("revcompile")
+            or isinstance(m, self.extra_leaf_classes)
+        )
+
+
+def trace(model: nn.Module) -> GraphModule:
+    """Trace ``model`` into a GraphModule at module level.
+
+    Preconditions: ``model`` is an ``nn.Module`` whose ``forward`` fx can trace
+    symbolically (no data-dependent control flow outside leaf modules).
+
+    Postconditions: the returned GraphModule computes the same function as
+    ``model`` and shares its submodules, parameters and buffers (nothing is
+    copied, nothing of ``model`` is modified: tracing runs no tensor code). Each
+    node keeps ``meta["nn_module_stack"]``, the module call path fx recorded.
+
+    Raises ``ConversionError`` naming the model class, the failing construct and
+    the usual remedies when fx cannot trace the model.
+    """
+    tracer = ResidualTracer()
+    model_class = type(model).__name__
+    try:
+        graph = tracer.trace(model)
+    except Exception as error:
+        raise ConversionError(
+            f"torch.fx cannot trace {model_class}: {type(error).__name__}: {error}. "
+            "Make the module containing this construct a leaf module (e.g. "
+            "torch.fx.wrap a function, or keep data-dependent code inside a leaf "
+            "nn.Module), or trace with concrete_args fixing the value the control "
+            "flow depends on."
+        ) from error
+    return GraphModule(tracer.root, graph, model_class)
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The dotted path of the innermost module whose forward created ``node``
+    ("" for the root module or when fx recorded no module stack)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    innermost_path, _module_class = next(reversed(stack.values()))
+    return innermost_path

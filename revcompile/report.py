@@ -1,0 +1,143 @@
+"""The conversion report: what revcompile found in a model and what it does with it.
+
+Plain dataclasses with no dependency on torch or the passes, so a report can be
+printed, serialised (``to_dict`` is JSON-serialisable) and read back
+(``ConversionReport.from_dict``) anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class BlockReport:
+    """One residual block (one residual add), in graph order.
+
+    ``fate`` is ``"F"`` / ``"G"`` (a branch of a coupling of stage ``stage``),
+    ``"half"`` (a half-coupling) or ``"kept"`` (stays an ordinary residual
+    block; ``reason`` says why, e.g. ``"projection shortcut"``).
+    """
+
+    name: str
+    shortcut: str
+    fate: str
+    stage: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class StageReport:
+    """One planned reversible stage: a chain of consecutive identity blocks."""
+
+    name: str
+    blocks: list[str]
+    couplings: int
+    half: bool = False
+    split: str = "halve"
+
+
+@dataclass
+class RejectedReport:
+    """An add that is not a residual block, and why."""
+
+    node: str
+    reason: str
+
+
+@dataclass
+class ConversionReport:
+    """Everything analysis (and conversion) decided about a model.
+
+    ``changes`` lists the rewrites conversion made (empty after ``analyze``);
+    ``params_before`` / ``params_after`` count parameters of the original and
+    the converted model (None when not known); ``shapes_checked`` says whether
+    shapes were propagated, so that shape-based checks (broadcasting adds, odd
+    channel counts) ran; ``policy`` is the storage policy of the
+    non-reversible segments and ``leftover`` what happens to an odd block of a
+    chain (``"store"`` or ``"half"``).
+    """
+
+    blocks: list[BlockReport] = field(default_factory=list)
+    stages: list[StageReport] = field(default_factory=list)
+    rejected: list[RejectedReport] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+    params_before: int | None = None
+    params_after: int | None = None
+    shapes_checked: bool = False
+    policy: str | None = None
+    leftover: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (lists, strings, numbers, booleans, None)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ConversionReport:
+        """Inverse of ``to_dict``: ``from_dict(r.to_dict()) == r``."""
+        fields = dict(data)
+        fields["blocks"] = [BlockReport(**block) for block in data.get("blocks", [])]
+        fields["stages"] = [StageReport(**stage) for stage in data.get("stages", [])]
+        fields["rejected"] = [RejectedReport(**item) for item in data.get("rejected", [])]
+        fields["changes"] = list(data.get("changes", []))
+        return cls(**fields)
+
+    @property
+    def kept(self) -> list[BlockReport]:
+        """The blocks that stay ordinary residual blocks."""
+        return [block for block in self.blocks if block.fate == "kept"]
+
+    def __str__(self) -> str:
+        couplings = sum(stage.couplings for stage in self.stages)
+        lines = [
+            f"revcompile: {len(self.blocks)} residual blocks, {len(self.stages)} reversible "
+            f"stages, {couplings} couplings, {len(self.kept)} kept; shapes "
+            + ("checked" if self.shapes_checked else "not checked (no example input)")
+        ]
+        if self.blocks:
+            lines.append("")
+            lines += _table(
+                ("block", "shortcut", "fate", "stage", "reason"),
+                [
+                    (b.name, b.shortcut, b.fate, b.stage or "-", b.reason or "-")
+                    for b in self.blocks
+                ],
+            )
+        if self.stages:
+            lines += ["", "stages:"]
+            for stage in self.stages:
+                half = " + half-coupling" if stage.half else ""
+                lines.append(
+                    f"  {stage.name}: {stage.blocks[0]} .. {stage.blocks[-1]} "
+                    f"({len(stage.blocks)} blocks, {stage.couplings} couplings{half}, "
+                    f"split={stage.split})"
+                )
+        if self.rejected:
+            lines += ["", "adds that are not residual blocks:"]
+            lines += [f"  {item.node}: {item.reason}" for item in self.rejected]
+        if self.changes:
+            lines += ["", "changes:"]
+            lines += [f"  {change}" for change in self.changes]
+        settings = [
+            f"{name}={value}"
+            for name, value in (
+                ("params before", self.params_before),
+                ("params after", self.params_after),
+                ("policy", self.policy),
+                ("leftover", self.leftover),
+            )
+            if value is not None
+        ]
+        if settings:
+            lines += ["", ", ".join(settings)]
+        return "\n".join(lines)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+
+    return [line(header), *map(line, rows)]
