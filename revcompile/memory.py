@@ -1,0 +1,609 @@
+"""Memory model: measured and symbolic activation memory of a training step.
+
+Three quantities, from cheapest to most expensive (DESIGN.md §7):
+
+* :func:`saved_activation_bytes` -- bytes of the distinct storages autograd
+  keeps for backward after one training forward (parameters and buffers
+  excluded). Deterministic; measured in this process.
+* :func:`activation_memory_formula` -- the same quantity as an exact ``sympy``
+  expression in named input dimensions (batch, height, width), obtained by
+  running the forward once under a ``FakeTensorMode`` with symbolic sizes.
+  :func:`max_batch_size` answers "what is the largest batch that fits".
+* :func:`peak_step_memory` -- peak memory of one full training step (forward,
+  backward, optimizer step) measured in a fresh process: RSS high-water-mark
+  growth on CPU, ``torch.cuda.max_memory_allocated`` growth on CUDA. This is the
+  headline number (it includes gradients, temporaries and the transient peak of
+  recomputation); saved bytes are its deterministic companion.
+
+This module is runtime-level: it imports only torch, sympy and the standard
+library (never ``passes`` or ``revcompile.api``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import sympy
+import torch
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+__all__ = [
+    "DEFAULT_DYNAMIC",
+    "activation_memory_formula",
+    "max_batch_size",
+    "peak_step_memory",
+    "saved_activation_bytes",
+]
+
+#: Default symbolic dimensions: batch, height and width of input 0 (NCHW).
+DEFAULT_DYNAMIC: dict[str, tuple[int, int]] = {"B": (0, 0), "H": (0, 2), "W": (0, 3)}
+
+
+# --------------------------------------------------------------------------
+# Saved-tensor accounting (shared by the real and the symbolic measurement)
+# --------------------------------------------------------------------------
+
+
+class _SavedStorageRecorder:
+    """``saved_tensors_hooks`` pack hook that records distinct saved storages.
+
+    Each saved tensor's untyped storage is recorded once, keyed by the address
+    of its ``StorageImpl`` (``StorageWeakRef.cdata``). Holding the weak
+    reference keeps that address from being reused by a later storage (the
+    intrusive weak count keeps the ``StorageImpl`` object allocated), so two
+    different storages never collide even if the first one is freed during the
+    forward. :meth:`live_nbytes` counts only storages that are still alive, i.e.
+    that autograd really keeps for backward at the end of the forward (a storage
+    saved by a part of the graph that was discarded during the forward is not
+    counted). Views count their whole storage, once.
+
+    The hook returns ``tensor.detach()`` (an alias of the same storage) so that
+    saving an op's own output does not create a reference cycle through its
+    ``grad_fn``; memory held is the same as without the hook.
+    """
+
+    def __init__(self, excluded: set[int]) -> None:
+        self._excluded = excluded
+        self._storages: dict[int, tuple[StorageWeakRef, Any]] = {}
+        # Tensors without an accessible storage (exotic subclasses): weakref + nbytes.
+        self._other: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):
+            key = id(tensor)
+            if key not in self._other:
+                self._other[key] = (weakref.ref(tensor), tensor.numel() * tensor.element_size())
+            return tensor
+        ref = StorageWeakRef(storage)
+        if ref.cdata not in self._excluded and ref.cdata not in self._storages:
+            self._storages[ref.cdata] = (ref, storage.nbytes())
+        # Outside any dispatch mode: under FakeTensorMode a real tensor (an RNG
+        # state saved by a custom Function) would otherwise be detached into a
+        # fake copy and its real storage would die.
+        with _disable_current_modes():
+            return tensor.detach()
+
+    @staticmethod
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def live_nbytes(self) -> list[Any]:
+        """nbytes (int or SymInt) of every recorded storage still alive."""
+        sizes = [n for ref, n in self._storages.values() if not ref.expired()]
+        sizes += [n for ref, n in self._other.values() if ref() is not None]
+        return sizes
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            yield
+
+
+def _storage_keys(tensors: Iterator[torch.Tensor]) -> set[int]:
+    keys: set[int] = set()
+    # The StorageWeakRef objects are dropped at once, but the tensors (model
+    # parameters and buffers) stay alive, so the addresses stay valid.
+    for t in tensors:
+        with contextlib.suppress(RuntimeError, NotImplementedError, TypeError):
+            keys.add(StorageWeakRef(t.untyped_storage()).cdata)
+    return keys
+
+
+@contextlib.contextmanager
+def _restore_module_state(model: nn.Module, inputs: Sequence[Any]) -> Iterator[None]:
+    """Snapshot buffers (BatchNorm statistics, counters) and the RNG; restore on exit.
+
+    Buffers are restored in place (same tensor objects, values copied back) and
+    re-registered if the forward replaced them. The CPU RNG and the RNG of every
+    CUDA device holding a parameter, buffer or input are forked, so dropout in
+    the measured forward does not advance the global generators. Python-level
+    state a module mutates in ``forward`` (counters kept as plain attributes)
+    cannot be restored.
+    """
+    snapshot: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                snapshot.append((module, name, buf, buf.detach().clone()))
+    devices = {
+        t.device.index or 0
+        for t in [*model.parameters(), *model.buffers(), *pytree.tree_leaves(list(inputs))]
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda"
+    }
+    try:
+        with torch.random.fork_rng(devices=sorted(devices)):
+            yield
+    finally:
+        with torch.no_grad():
+            for module, name, buf, saved in snapshot:
+                module._buffers[name] = buf
+                buf.copy_(saved)
+
+
+def saved_activation_bytes(model: nn.Module, *inputs: Any) -> int:
+    """Bytes of the distinct storages autograd saves during one training forward.
+
+    Runs ``model(*inputs)`` once with grad enabled, in the model's current mode
+    (call ``model.train()`` first for training numbers), under a
+    ``torch.autograd.graph.saved_tensors_hooks`` pack hook, and sums the
+    ``nbytes`` of the distinct untyped storages of the saved tensors that are
+    still alive when the forward returns (the forward output is kept alive for
+    the count, then dropped).
+
+    * Deduplicated by storage: a tensor saved by several ops, or several views of
+      one storage, count once, with the storage's full size.
+    * Storages of the model's parameters and buffers are excluded (they exist
+      whether or not anything is saved); input tensors that autograd saves (the
+      first convolution saves the network input) are included.
+    * Tensors saved through ``ctx.save_for_backward`` of custom autograd
+      Functions are seen, and so are the inputs that non-reentrant
+      ``torch.utils.checkpoint`` keeps (they are saved as ``SavedVariable`` in
+      the outer hook context); what checkpoint saves inside its region goes to
+      checkpoint's own hooks, is recomputed in backward, and is not counted.
+      Tensors stashed as plain attributes on ``ctx`` are invisible (as they are
+      to autograd's own accounting).
+
+    Side effects: none on the model -- buffers (BatchNorm running statistics,
+    ``num_batches_tracked``) are snapshot and restored, and the RNG is forked, so
+    measuring does not change what the next real step computes.
+
+    Args:
+        model: the network; left in its mode and state.
+        *inputs: positional inputs of ``model``.
+
+    Returns:
+        The number of bytes.
+    """
+    excluded = _storage_keys(iter([*model.parameters(), *model.buffers()]))
+    recorder = _SavedStorageRecorder(excluded)
+    with _restore_module_state(model, inputs), torch.enable_grad():
+        with recorder.hooks():
+            output = model(*inputs)
+        total = sum(int(n) for n in recorder.live_nbytes())
+        del output
+    return total
+
+
+# --------------------------------------------------------------------------
+# Symbolic formula
+# --------------------------------------------------------------------------
+
+
+class _RealWorldMode(TorchDispatchMode):
+    """Pushed inside ``FakeTensorMode``: keeps real-tensor logic real.
+
+    * An op whose tensor arguments are all real (no FakeTensor, no SymInt) runs
+      for real, as in an unfaked forward: e.g. ``torch.equal`` of two RNG states
+      taken with ``torch.get_rng_state()`` (FakeTensorMode would refuse it as
+      data-dependent), so code that branches on such values takes the same path.
+    * A random op on fake tensors also advances the real generator of its device
+      by one draw, so code that checks "did this call consume randomness?" by
+      comparing RNG states (revcompile's ReversibleSequence saves the RNG state
+      only then) sees what it sees in a real forward.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        kwargs = kwargs or {}
+        leaves = pytree.arg_tree_leaves(*args, **kwargs)
+        tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
+        symbolic = any(isinstance(a, torch.SymInt | torch.SymFloat | torch.SymBool) for a in leaves)
+        if tensors and not symbolic and not any(isinstance(t, FakeTensor) for t in tensors):
+            with _disable_current_modes():
+                return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            devices = {t.device for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)}
+            with _disable_current_modes():
+                for device in devices or {torch.device("cpu")}:
+                    if device.type == "cpu" or (
+                        device.type == "cuda" and torch.cuda.is_available()
+                    ):
+                        torch.rand((), device=device)
+        return out
+
+
+def _torch_sympy_to_plain(expr: sympy.Expr) -> sympy.Expr:
+    """Rewrite torch's sympy function classes (``FloorDiv``...) as plain sympy."""
+    from torch.utils._sympy import functions as tsf
+
+    rules: list[tuple[str, Callable[..., sympy.Expr]]] = [
+        ("FloorDiv", lambda a, b: sympy.floor(a / b)),
+        ("CleanDiv", lambda a, b: a / b),
+        ("CeilDiv", lambda a, b: sympy.ceiling(a / b)),
+        ("IntTrueDiv", lambda a, b: a / b),
+        ("FloatTrueDiv", lambda a, b: a / b),
+        ("PythonMod", lambda a, b: sympy.Mod(a, b)),
+        ("Mod", lambda a, b: sympy.Mod(a, b)),
+        ("ModularIndexing", lambda a, b, c: sympy.Mod(sympy.floor(a / b), c)),
+        ("FloorToInt", lambda a: sympy.floor(a)),
+        ("CeilToInt", lambda a: sympy.ceiling(a)),
+        ("PowByNatural", lambda a, b: a**b),
+        ("FloatPow", lambda a, b: a**b),
+        ("Identity", lambda a: a),
+        ("ToFloat", lambda a: a),
+        ("Max", lambda *a: sympy.Max(*a)),
+        ("Min", lambda *a: sympy.Min(*a)),
+        ("Where", lambda c, p, q: sympy.Piecewise((p, c), (q, True))),
+    ]
+    for name, fn in rules:
+        cls = getattr(tsf, name, None)
+        if cls is not None and expr.has(cls):
+            expr = expr.replace(cls, fn)
+    return expr
+
+
+def _as_sympy(value: Any) -> sympy.Expr:
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    return sympy.Integer(int(value))
+
+
+def activation_memory_formula(
+    model: nn.Module,
+    example_inputs: Any,
+    dynamic: Mapping[str, tuple[int, int]] | None = None,
+) -> sympy.Expr:
+    """Saved activation bytes as an exact ``sympy`` expression of input dimensions.
+
+    The forward is run once, like :func:`saved_activation_bytes` (same hook,
+    same deduplication by storage, parameters and buffers excluded), but under a
+    ``FakeTensorMode`` whose ``ShapeEnv`` gives the named input dimensions
+    symbolic sizes; no real memory is used and no real compute is done. Every
+    saved storage then has a symbolic ``nbytes`` (a ``SymInt``) whose sympy
+    expression contains the exact shape arithmetic of the kernels' meta
+    functions -- convolution and pooling output sizes keep their floor
+    divisions. Symbols are renamed to the keys of ``dynamic`` (positive
+    integers) and torch's sympy helpers (``FloorDiv``...) are rewritten as plain
+    ``sympy.floor``/``Mod``, so ``formula.subs({B: 8, H: 224, W: 224})`` gives an
+    ``Integer``.
+
+    The model's parameters and buffers are fakified (static shapes) and swapped
+    in with ``torch.func.functional_call``, so the model itself is untouched
+    (BatchNorm statistics updates go to the fake buffers). Custom autograd
+    Functions (``ctx.save_for_backward``) and non-reentrant checkpoint work
+    unchanged. Real tensors created inside the forward (e.g. RNG states saved by
+    ``torch.get_rng_state()``) contribute their concrete size, as they do in the
+    real measurement; ops on real tensors only (``torch.equal`` of two RNG
+    states) run for real, and random ops on fake tensors advance the real
+    generator, so code that saves RNG states only when randomness was consumed
+    (ReversibleSequence) saves the same number of them. The global RNG is
+    forked: computing the formula has no side effect.
+
+    The formula equals :func:`saved_activation_bytes` for freshly allocated
+    contiguous inputs of any size at which the model runs and at which the same
+    control flow is taken. Guards recorded while tracing (e.g. ``H >= 7``,
+    ``B*H*W != 1`` for BatchNorm) define that validity domain; a dimension the
+    model specializes (compares to a constant) raises ``ValueError``; an
+    equality between named dimensions (e.g. the model asserts ``H == W``) is
+    reported with a warning, the formula then uses the surviving symbol.
+
+    Args:
+        model: the network, in the mode to model (``train()`` for training).
+        example_inputs: a tensor or a tuple/list of positional inputs; the named
+            dimensions must be at least 2 in the example (sizes 0 and 1 are
+            special-cased by PyTorch's shape reasoning).
+        dynamic: symbol name -> (input index, dimension). Default
+            ``{"B": (0, 0), "H": (0, 2), "W": (0, 3)}`` (NCHW input 0).
+
+    Returns:
+        A sympy expression in ``Symbol(name, integer=True, positive=True)``.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+    )
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    inputs = list(example_inputs)
+    dynamic = dict(DEFAULT_DYNAMIC if dynamic is None else dynamic)
+    per_input: dict[int, dict[int, str]] = {}
+    for name, (index, dim) in dynamic.items():
+        if not (0 <= index < len(inputs)) or not isinstance(inputs[index], torch.Tensor):
+            raise ValueError(f"dynamic[{name!r}]: input {index} is not a tensor input")
+        tensor = inputs[index]
+        if not (-tensor.dim() <= dim < tensor.dim()):
+            raise ValueError(
+                f"dynamic[{name!r}]: input {index} has {tensor.dim()} dims, no dim {dim}"
+            )
+        dim %= tensor.dim()
+        if tensor.shape[dim] < 2:
+            raise ValueError(
+                f"dynamic[{name!r}]: example size {tensor.shape[dim]} must be >= 2 "
+                "(sizes 0 and 1 are specialized by PyTorch's symbolic shapes)"
+            )
+        if dim in per_input.setdefault(index, {}):
+            raise ValueError(f"dynamic[{name!r}]: dim {dim} of input {index} named twice")
+        per_input[index][dim] = name
+
+    shape_env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
+    fake_mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
+
+    named_symbols: dict[str, sympy.Symbol] = {}
+    fake_inputs: list[Any] = []
+    with fake_mode:
+        for index, value in enumerate(inputs):
+            if not isinstance(value, torch.Tensor):
+                fake_inputs.append(value)
+                continue
+            dims = per_input.get(index, {})
+            context = StatelessSymbolicContext(
+                dynamic_sizes=[
+                    DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC
+                    for d in range(value.dim())
+                ]
+            )
+            fake = fake_mode.from_tensor(value, symbolic_context=context)
+            # A fresh storage: nbytes of a fakified real tensor is memoized from
+            # the real storage (concrete); a clone's is symbolic, like a freshly
+            # allocated input of another size.
+            with torch.no_grad():
+                fake = fake.clone()
+            fake.requires_grad_(value.requires_grad)
+            for d, name in dims.items():
+                size = fake.shape[d]
+                if not isinstance(size, torch.SymInt):
+                    raise RuntimeError(f"dimension {name!r} did not become symbolic")
+                named_symbols[name] = size.node.expr
+            fake_inputs.append(fake)
+
+        params = {
+            name: fake_mode.from_tensor(p, static_shapes=True)
+            for name, p in model.named_parameters()
+        }
+        buffers = {
+            name: fake_mode.from_tensor(b, static_shapes=True) for name, b in model.named_buffers()
+        }
+        excluded = _storage_keys(iter([*params.values(), *buffers.values()]))
+        recorder = _SavedStorageRecorder(excluded)
+        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with (
+            torch.random.fork_rng(devices=cuda_devices),
+            _RealWorldMode(),
+            torch.enable_grad(),
+            recorder.hooks(),
+        ):
+            output = torch.func.functional_call(model, {**params, **buffers}, tuple(fake_inputs))
+        sizes = recorder.live_nbytes()
+        del output
+
+    total = sympy.Add(*[shape_env.replace(_as_sympy(n)) for n in sizes])
+
+    # Named dimensions must stay free symbols.
+    rename: dict[sympy.Symbol, sympy.Symbol] = {}
+    for name, sym in named_symbols.items():
+        value = shape_env.replace(sym)
+        if value.is_number:
+            raise ValueError(
+                f"the model specializes dimension {name!r} to {value}; it cannot be symbolic"
+            )
+        rename[sym] = sympy.Symbol(name, integer=True, positive=True)
+    constraints = sorted(
+        {
+            str(_torch_sympy_to_plain(g.expr.xreplace(rename)))
+            for g in shape_env.guards
+            if isinstance(g.expr, sympy.Eq) and g.expr.free_symbols & set(rename)
+        }
+    )
+    if constraints:
+        warnings.warn(
+            "the model constrains the named dimensions (the formula is only valid where "
+            "these hold): "
+            + "; ".join(constraints[:5])
+            + ("; ..." if len(constraints) > 5 else ""),
+            stacklevel=2,
+        )
+    total = total.xreplace(rename)
+    total = sympy.expand(_torch_sympy_to_plain(total))
+    extra = total.free_symbols - set(rename.values())
+    if extra:
+        raise RuntimeError(
+            f"saved bytes depend on symbols other than {sorted(dynamic)}: {sorted(map(str, extra))}"
+        )
+    return total
+
+
+# --------------------------------------------------------------------------
+# Largest batch
+# --------------------------------------------------------------------------
+
+
+def max_batch_size(
+    formula: sympy.Expr,
+    budget_bytes: float,
+    batch: str = "B",
+    **fixed: int,
+) -> int:
+    """Largest integer batch ``b >= 1`` with ``formula(b, **fixed) <= budget_bytes``.
+
+    ``fixed`` gives every other symbol of the formula by name (``H=224,
+    W=224``). The formula is evaluated exactly (sympy integers, floor terms
+    included) and assumed non-decreasing in the batch size (true for saved
+    bytes); the answer is found by doubling then integer bisection, so
+    ``formula(result) <= budget < formula(result + 1)``.
+
+    Args:
+        formula: an expression from :func:`activation_memory_formula`.
+        budget_bytes: the memory budget in bytes.
+        batch: the name of the batch symbol.
+        **fixed: values of the other symbols.
+
+    Returns:
+        The largest fitting batch size, or 0 if even batch size 1 does not fit.
+
+    Raises:
+        ValueError: a symbol other than ``batch`` is left unset, or the formula
+            does not grow with the batch size (any batch would fit).
+    """
+    symbols = {s.name: s for s in formula.free_symbols}
+    unknown = set(fixed) - set(symbols)
+    if unknown:
+        raise ValueError(f"formula has no symbol(s) {sorted(unknown)}")
+    expr = formula.subs({symbols[name]: sympy.Integer(v) for name, v in fixed.items()})
+    left = {s.name for s in expr.free_symbols} - {batch}
+    if left:
+        raise ValueError(f"give a value for {sorted(left)}")
+    b_sym = symbols.get(batch, sympy.Symbol(batch, integer=True, positive=True))
+    budget = sympy.nsimplify(budget_bytes, rational=True)
+
+    def fits(b: int) -> bool:
+        value = expr.subs(b_sym, b)
+        if not value.is_number:
+            raise ValueError(f"formula did not evaluate to a number at {batch}={b}: {value}")
+        return bool(value <= budget)
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 2**62:
+            raise ValueError("formula does not grow with the batch size; every batch fits")
+    while hi - lo > 1:  # fits(lo) and not fits(hi)
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# --------------------------------------------------------------------------
+# Peak memory of a training step, in a fresh process
+# --------------------------------------------------------------------------
+
+
+def peak_step_memory(
+    factory: str | Callable[[], nn.Module],
+    input_shape: Sequence[int],
+    device: str = "cpu",
+    *,
+    loss: str = "sum",
+    warmup: bool = True,
+    timeout: float | None = None,
+) -> int:
+    """Peak memory growth of one training step, measured in a fresh process.
+
+    The step is: ``out = model(x)``; ``loss`` = sum of all floating outputs
+    (``loss="sum"``) or cross-entropy of 2-D logits against class 0
+    (``loss="cross_entropy"``); ``loss.backward()``; ``SGD(lr=1e-3).step()``
+    (plain SGD: no optimizer state). The model (from ``factory``, in ``train()``
+    mode, moved to ``device``), the input ``x = randn(input_shape)``, and the
+    optimizer exist before the baseline is taken. With ``warmup`` one identical
+    step runs first and gradients are then freed (``zero_grad(set_to_none=True)``),
+    so one-time costs (thread pools, kernel caches, lazy CUDA init) stay out of
+    the number: it is the steady-state step.
+
+    Measurement, in a process started with the ``spawn`` method (nothing from
+    this process's allocator state leaks in):
+
+    * CPU: peak RSS growth. On Linux the kernel's high-water mark ``VmHWM`` is
+      reset by writing ``5`` to ``/proc/self/clear_refs`` right before the step;
+      result = ``VmHWM`` after the step - ``VmRSS`` before it. glibc's mmap
+      threshold is pinned to 128 KiB with ``mallopt`` so that every tensor
+      larger than that is its own mapping, returned to the OS when freed: RSS
+      then follows live tensor memory instead of the heap's retained free
+      chunks. Where ``clear_refs`` is not writable the fallback is
+      ``ru_maxrss`` (lifetime peak) minus the RSS before the step, without
+      warm-up; it undercounts if something earlier peaked higher.
+      Resolution is 1 KiB; expect a few hundred KiB of noise.
+    * CUDA: ``torch.cuda.max_memory_allocated()`` after
+      ``reset_peak_memory_stats()``, minus ``memory_allocated()`` before the step
+      (the caching allocator's reserved-but-free memory is not counted).
+
+    Args:
+        factory: ``"package.module:function"`` (imported in the worker), or a
+            picklable zero-argument callable (a module-level function, a
+            ``functools.partial`` of one) returning the ``nn.Module``. A callable
+            defined in a script's ``__main__`` works when the script guards its
+            entry point with ``if __name__ == "__main__":`` (spawn re-imports it).
+        input_shape: shape of the single float32 input.
+        device: ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``).
+        loss: ``"sum"`` or ``"cross_entropy"``.
+        warmup: run one unmeasured step first.
+        timeout: seconds to wait for the worker (``None``: no limit).
+
+    Returns:
+        Peak growth in bytes.
+
+    Raises:
+        RuntimeError: the worker failed (its traceback is in the message), died
+            (e.g. killed for memory), or timed out.
+    """
+    from . import _peak_worker
+
+    if loss not in ("sum", "cross_entropy"):
+        raise ValueError(f"loss must be 'sum' or 'cross_entropy', got {loss!r}")
+    if not isinstance(factory, str) and not callable(factory):
+        raise TypeError("factory must be a 'module:function' string or a zero-arg callable")
+    request = {
+        "factory": factory,
+        "input_shape": [int(s) for s in input_shape],
+        "device": str(device),
+        "loss": loss,
+        "warmup": bool(warmup),
+    }
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_peak_worker.child_main, args=(request, sender), daemon=True)
+    try:
+        process.start()
+    except Exception as exc:  # pickling the factory fails here
+        raise RuntimeError(f"peak_step_memory: could not start the worker: {exc!r}") from exc
+    finally:
+        sender.close()
+    try:
+        if not receiver.poll(timeout):
+            raise RuntimeError(f"peak_step_memory: worker timed out after {timeout} s")
+        try:
+            result = receiver.recv()
+        except EOFError:
+            process.join(10)
+            raise RuntimeError(
+                f"peak_step_memory: worker died without a result (exit code {process.exitcode}; "
+                "a negative code is the signal, -9 usually means killed for memory)"
+            ) from None
+    finally:
+        receiver.close()
+        if process.is_alive():
+            process.join(10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    if "error" in result:
+        raise RuntimeError(f"peak_step_memory: worker failed:\n{result['error']}")
+    return int(result["peak_bytes"])
