@@ -5,7 +5,7 @@ stride-1 residual blocks are RevNet additive couplings, so training stores
 activations only at the inputs of non-reversible layers.
 
 The runtime (``revcompile.nn``) is imported eagerly; the compiler API
-(``analyze``, ``convert``, ``report``, ``load``) is loaded on first use so that
+(``analyze``, ``convert``, ``report``) is loaded on first use so that
 the passes can import the runtime without an import cycle.
 """
 
@@ -18,7 +18,7 @@ from revcompile.errors import ConversionError
 from revcompile.nn import AdditiveCoupling, ReversibleSequence, reference_mode
 
 if TYPE_CHECKING:
-    from revcompile.api import analyze, convert, load, report, save
+    from revcompile.api import analyze, convert, report
     from revcompile.report import ConversionReport
 
 __version__ = "0.1.0"
@@ -27,8 +27,6 @@ _LAZY = {
     "analyze": "revcompile.api",
     "convert": "revcompile.api",
     "report": "revcompile.api",
-    "load": "revcompile.api",
-    "save": "revcompile.api",
     "ConversionReport": "revcompile.report",
     "memory": "revcompile.memory",
 }
@@ -40,11 +38,9 @@ __all__ = [
     "ReversibleSequence",
     "analyze",
     "convert",
-    "load",
     "memory",
     "reference_mode",
     "report",
-    "save",
 ]
 
 

@@ -18,18 +18,27 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["AdditiveCoupling", "ReversibleSequence", "preserved_buffers", "reference_mode"]
+__all__ = [
+    "AdditiveCoupling",
+    "CheckpointedSegment",
+    "ReversibleSequence",
+    "preserved_buffers",
+    "reference_mode",
+]
 
 _reference_mode: ContextVar[bool] = ContextVar("revcompile_reference_mode", default=False)
 
 
 @contextlib.contextmanager
 def reference_mode() -> Iterator[None]:
-    """Run every ReversibleSequence with plain autograd (activations stored).
+    """Run every ReversibleSequence and CheckpointedSegment with plain autograd.
 
-    The network and its parameters are unchanged; only the backward strategy
-    differs. Used to check that reversible gradients are exact, and to debug.
+    Activations are stored as in an ordinary network; the network and its
+    parameters are unchanged, only the backward strategy differs. Used to check
+    that reversible gradients are exact, to measure what reversibility costs,
+    and to debug.
     """
     token = _reference_mode.set(True)
     try:
@@ -276,3 +285,28 @@ class _ReversibleFunction(torch.autograd.Function):
                 dy2 = dy2 + df
             dx = torch.cat([dy1, dy2], dim=stage.dim)
         return (dx, None, None, *param_grads)
+
+
+class CheckpointedSegment(nn.Module):
+    """A non-reversible part of a converted network that is recomputed in backward.
+
+    With grad enabled it runs ``body`` under non-reentrant
+    ``torch.utils.checkpoint`` (only its inputs are kept; dropout is replayed
+    from the saved RNG state) and restores ``body``'s buffers after the
+    recomputation, so BatchNorm statistics are updated once per forward. With
+    grad disabled or under ``reference_mode()`` it is a plain call.
+    """
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, *args):
+        if in_reference_mode() or not torch.is_grad_enabled():
+            return self.body(*args)
+        return checkpoint(self.body, *args, use_reentrant=False, context_fn=self._contexts)
+
+    def _contexts(
+        self,
+    ) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), preserved_buffers(self.body)

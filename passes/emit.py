@@ -1,0 +1,232 @@
+"""Pass 6: rewrite the planned stages into ReversibleSequence calls (DESIGN.md §4, §6).
+
+Each Stage of the plan becomes one ``call_module`` of a ``ReversibleSequence``
+whose couplings hold half-width F and G branches built by
+``passes.partition.build_branch``. The nodes the stage absorbed are erased; the
+post-op of the stage's last block is re-applied after the stage, out of place
+(the stage's output is saved for backward and must not be written).
+
+With ``policy="checkpoint"`` every non-reversible segment left between stages
+(stem, downsampling blocks, odd leftovers, head) is then wrapped in a
+``CheckpointedSegment``, so that training stores activations only at segment
+inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable
+from typing import Literal
+
+from torch.fx import Graph, GraphModule, Node
+
+from passes.find_residuals import common_module_prefix
+from passes.ir import Coupling, Plan, Stage
+from passes.partition import build_branch, out_of_place
+from revcompile.errors import ConversionError
+from revcompile.nn import AdditiveCoupling, CheckpointedSegment, ReversibleSequence
+
+Policy = Literal["checkpoint", "store"]
+
+
+def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[str]:
+    """Replace every stage of ``plan`` in ``gm`` by a ReversibleSequence, in place.
+
+    Preconditions: ``plan`` was computed on ``gm``'s current graph with shapes
+    known. ``gm`` may share modules with the user's model: no module reachable
+    from ``gm`` is changed; new modules (stages, segments, out-of-place
+    post-ops) are added, and the non-reversible layers are reused as they are.
+
+    Postconditions: one ``call_module`` node per stage, named after the stage;
+    the absorbed blocks' nodes are erased; with ``policy="checkpoint"`` and at
+    least one stage, every other compute node sits inside a
+    ``CheckpointedSegment``. ``gm`` still needs ``cleanup`` (dead submodules,
+    lint, recompile). Returns the rewrites made, one sentence each, for the
+    report.
+    """
+    if policy not in ("checkpoint", "store"):
+        raise ValueError(f"policy must be 'checkpoint' or 'store', not {policy!r}")
+    changes: list[str] = []
+    for stage in plan.stages:
+        changes += _emit_stage(gm, stage)
+    if policy == "checkpoint" and plan.stages:
+        stage_names = {stage.name for stage in plan.stages}
+        changes += _checkpoint_segments(
+            gm, lambda n: n.op == "call_module" and n.target in stage_names
+        )
+    return changes
+
+
+def _emit_stage(gm: GraphModule, stage: Stage) -> list[str]:
+    channels = _channels(stage.input)
+    low, high = slice(0, channels // 2), slice(channels // 2, channels)
+    couplings = [_coupling(gm, coupling, low, high) for coupling in stage.couplings]
+    gm.add_submodule(stage.name, ReversibleSequence(couplings, dim=1, name=stage.name))
+
+    last = stage.last_block
+    absorbed = [
+        node
+        for coupling in stage.couplings
+        for block in (coupling.f, coupling.g)
+        if block is not None
+        for node in (*block.region, block.join)
+    ]
+    absorbed += [c.f_pre_op for c in stage.couplings if c.f_pre_op is not None]
+    absorbed += [c.g_pre_op for c in stage.couplings if c.g_pre_op is not None]
+    changes = [f"{len(absorbed)} nodes of {len(couplings)} couplings became {stage.name}"]
+
+    graph = gm.graph
+    with graph.inserting_after(last.output):
+        stage_node = graph.call_module(stage.name, (stage.input,))
+    result = stage_node
+    if last.post_op is not None:
+        with graph.inserting_after(stage_node):
+            result = _copy_out_of_place(gm, last.post_op, stage_node, f"{stage.name}_post_op")
+        changes.append(f"post-op {_describe(last.post_op)} of {last.name} stays after {stage.name}")
+    last.output.replace_all_uses_with(result)
+    if last.post_op is not None:
+        absorbed.append(last.post_op)
+    for node in sorted(set(absorbed), key=_position(graph), reverse=True):
+        graph.erase_node(node)
+
+    for coupling in stage.couplings:
+        for block, pre_op, which in (
+            (coupling.f, coupling.f_pre_op, "F"),
+            (coupling.g, coupling.g_pre_op, "G"),
+        ):
+            if block is not None and pre_op is not None:
+                changes.append(
+                    f"post-op {_describe(pre_op)} moved to the start of {which} "
+                    f"({block.name}) in {stage.name}"
+                )
+    return changes
+
+
+def _coupling(gm: GraphModule, coupling: Coupling, low: slice, high: slice) -> AdditiveCoupling:
+    """F reads x2 (high half) and writes into y1 (low half); G the other way round."""
+    f = build_branch(gm, coupling.f, pre_op=coupling.f_pre_op, reads=high, writes=low)
+    g = None
+    if coupling.g is not None:
+        g = build_branch(gm, coupling.g, pre_op=coupling.g_pre_op, reads=low, writes=high)
+    return AdditiveCoupling(f, g)
+
+
+def _channels(node: Node) -> int:
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        raise ConversionError(
+            f"the shape of {node.name} is unknown; pass example_inputs to convert() so that "
+            "channel counts can be checked"
+        )
+    return int(meta.shape[1])
+
+
+def _copy_out_of_place(gm: GraphModule, node: Node, new_input: Node, name: str) -> Node:
+    """``node`` applied to ``new_input`` instead of its first argument, never in place.
+
+    An in-place module (``ReLU(inplace=True)``) is copied under ``name`` rather
+    than changed: ``gm`` may share it with the user's model.
+    """
+    target, args, kwargs, _ = out_of_place(node, gm)
+    if node.op == "call_module" and getattr(gm.get_submodule(str(target)), "inplace", False):
+        module = copy.deepcopy(gm.get_submodule(str(target)))
+        module.inplace = False
+        gm.add_submodule(name, module)
+        target = name
+    return gm.graph.create_node(node.op, target, (new_input, *args[1:]), kwargs)
+
+
+def _describe(node: Node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+def _position(graph: Graph) -> Callable[[Node], int]:
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
+def _checkpoint_segments(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[str]:
+    """Wrap each maximal run of non-stage compute nodes in a CheckpointedSegment."""
+    runs: list[list[Node]] = [[]]
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output") or is_stage(node):
+            runs.append([])
+        else:
+            runs[-1].append(node)
+    segments = [run for run in runs if any(n.op.startswith("call_") for n in run)]
+    first_stage = next(n for n in gm.graph.nodes if is_stage(n))
+    last_stage = next(n for n in reversed(gm.graph.nodes) if is_stage(n))
+    order = _position(gm.graph)
+    used_names = set(dict(gm.named_modules())) | set(dir(gm))
+    changes = []
+    for segment in segments:
+        if order(segment[-1]) < order(first_stage):
+            base = "stem"
+        elif order(segment[0]) > order(last_stage):
+            base = "head"
+        else:
+            base = _span_name(gm, segment)
+        name = _unique(base, used_names)
+        _outline(gm, segment, name)
+        changes.append(f"{len(segment)} nodes checkpointed as {name}")
+    return changes
+
+
+def _span_name(gm: GraphModule, segment: list[Node]) -> str:
+    """``layer2_0`` for one block, ``layer2_3_to_layer3_0`` for a span of blocks.
+
+    Named after the layers with weights: a lone post-op or pooling says little.
+    """
+    owners = [
+        str(n.target).rpartition(".")[0]
+        for n in segment
+        if n.op == "call_module" and any(True for _ in gm.get_submodule(str(n.target)).parameters())
+    ]
+    if not owners:
+        return "segment"
+    prefix = common_module_prefix(owners)
+    if not prefix:
+        depth = owners[0].count(".") + 1
+        prefix = f"{owners[0]}_to_{'.'.join(owners[-1].split('.')[:depth])}"
+    return prefix.replace(".", "_")
+
+
+def _unique(base: str, used_names: set[str]) -> str:
+    name, suffix = base, 1
+    while name in used_names:
+        suffix += 1
+        name = f"{base}_{suffix}"
+    used_names.add(name)
+    return name
+
+
+def _outline(gm: GraphModule, segment: list[Node], name: str) -> None:
+    """Move ``segment`` (consecutive nodes of ``gm.graph``) into a checkpointed submodule."""
+    members = set(segment)
+    inputs: list[Node] = []
+    for node in segment:
+        for arg in node.all_input_nodes:
+            if arg not in members and arg not in inputs:
+                inputs.append(arg)
+    outputs = [n for n in segment if any(user not in members for user in n.users)]
+
+    body = Graph()
+    env = {arg: body.placeholder(arg.name) for arg in inputs}
+    for node in segment:
+        env[node] = body.node_copy(node, env.__getitem__)
+    body.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
+    gm.add_submodule(name, CheckpointedSegment(GraphModule(gm, body, class_name="Segment")))
+
+    graph = gm.graph
+    outside = members.__contains__
+    with graph.inserting_before(segment[0]):
+        call = graph.call_module(name, tuple(inputs))
+        if len(outputs) == 1:
+            outputs[0].replace_all_uses_with(call, delete_user_cb=lambda user: not outside(user))
+        else:
+            for i, out in enumerate(outputs):
+                item = graph.call_function(operator.getitem, (call, i))
+                out.replace_all_uses_with(item, delete_user_cb=lambda user: not outside(user))
+    for node in reversed(segment):
+        graph.erase_node(node)

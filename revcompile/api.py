@@ -1,0 +1,135 @@
+"""Public entry points. The order of the compiler passes lives here only."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from passes.cleanup import cleanup
+from passes.emit import Policy, emit
+from passes.find_residuals import find_residuals
+from passes.ir import Plan
+from passes.plan import Leftover, plan, report_from_plan
+from passes.shape_prop import propagate_guessed_shapes, propagate_shapes
+from passes.trace import trace
+from revcompile.errors import ConversionError
+from revcompile.nn import ReversibleSequence
+from revcompile.report import ConversionReport
+
+REPORT_KEY = "revcompile_report"
+
+ExampleInputs = torch.Tensor | Sequence[torch.Tensor] | None
+
+
+class Analysis(NamedTuple):
+    """What the analysis passes produce: the traced graph, the plan on its
+    nodes, and the report (which ``convert`` extends)."""
+
+    gm: GraphModule
+    plan: Plan
+    report: ConversionReport
+
+
+def analyze(model: nn.Module, example_inputs: ExampleInputs = None) -> ConversionReport:
+    """Find the residual blocks of ``model`` and say what conversion would do.
+
+    ``example_inputs`` (a tensor or a sequence of tensors, one per ``forward``
+    argument) give every node a shape (FakeTensors: no compute, the model's
+    buffers are untouched), which enables the shape checks (broadcasting adds,
+    odd channel counts). Without them revcompile guesses an input from the
+    first Conv/Linear layer (see ``passes.shape_prop.guess_example_inputs``);
+    if the model rejects the guesses, shapes stay unchecked
+    (``report.shapes_checked`` is False).
+
+    ``model`` is not modified. Raises ``ConversionError`` when fx cannot trace
+    ``model`` or it rejects the given ``example_inputs``.
+    """
+    return run_analysis(model, example_inputs).report
+
+
+def run_analysis(
+    model: nn.Module, example_inputs: ExampleInputs = None, *, leftover: Leftover = "store"
+) -> Analysis:
+    """trace -> shape propagation -> find_residuals -> plan, and the report.
+
+    ``leftover`` decides the odd last block of a chain: ``"store"`` keeps it an
+    ordinary block, ``"half"`` makes it a half-coupling. ``gm`` shares its
+    parameters and buffers with ``model``; ``model`` is not modified.
+    """
+    from passes.partition import unsupported_reason
+
+    gm = trace(model)
+    if example_inputs is None:
+        propagate_guessed_shapes(gm)
+    else:
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        propagate_shapes(gm, tuple(example_inputs))
+    blocks, rejected = find_residuals(gm)
+    the_plan = plan(gm, blocks, rejected, branch_check=unsupported_reason, leftover=leftover)
+    report = report_from_plan(
+        the_plan,
+        params_before=sum(p.numel() for p in model.parameters()),
+        leftover=leftover,
+    )
+    return Analysis(gm, the_plan, report)
+
+
+def convert(
+    model: nn.Module,
+    example_inputs: ExampleInputs = None,
+    *,
+    policy: Policy = "checkpoint",
+    leftover: Leftover = "store",
+) -> GraphModule:
+    """Return a reversible ``GraphModule`` version of ``model``.
+
+    Consecutive stride-1 identity residual blocks become RevNet additive
+    couplings (F and G at half width, weights sliced from the original
+    branches), one ``ReversibleSequence`` per chain. Every other block is kept
+    with a reason; ``report(gm)`` tells which and why.
+
+    ``policy``: ``"checkpoint"`` (default) recomputes the non-reversible
+    segments between stages (stem, downsampling blocks, leftovers, head) in
+    backward, so activations are stored only at segment inputs;
+    ``"store"`` keeps those segments as ordinary autograd (less recompute).
+    ``leftover``: the odd last block of a chain stays an ordinary block
+    (``"store"``) or becomes a half-coupling ``y1 = x1 + F(x2), y2 = x2``
+    (``"half"``).
+
+    The result owns its parameters and buffers; ``model`` is never modified.
+    The converted network computes a different function from ``model`` (a
+    RevNet of the same layout), meant to be trained.
+    """
+    gm, the_plan, the_report = run_analysis(model, example_inputs, leftover=leftover)
+    if the_plan.stages and not the_plan.shapes_known:
+        raise ConversionError(
+            f"could not infer the input shape of {type(model).__name__}; pass example_inputs "
+            "to convert() so that channel counts and broadcasting can be checked"
+        )
+    changes = emit(gm, the_plan, policy=policy)
+    cleanup(gm)
+    # gm still shares the non-reversible layers with ``model``; the stages are new.
+    built = {id(m): m for m in gm.modules() if isinstance(m, ReversibleSequence)}
+    gm = copy.deepcopy(gm, built)
+    gm.train(model.training)
+    the_report.changes += changes
+    the_report.params_after = sum(p.numel() for p in gm.parameters())
+    the_report.policy = policy
+    gm.meta[REPORT_KEY] = the_report
+    return gm
+
+
+def report(gm: nn.Module) -> ConversionReport:
+    """The ConversionReport that ``convert`` attached to ``gm``."""
+    found = getattr(gm, "meta", {}).get(REPORT_KEY)
+    if found is None:
+        raise ValueError(
+            f"{type(gm).__name__} was not made by revcompile.convert: it has no report"
+        )
+    return found
