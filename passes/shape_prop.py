@@ -46,7 +46,8 @@ def propagate_shapes(gm: GraphModule, example_inputs: Sequence[torch.Tensor]) ->
     """
     try:
         meta_inputs = [_to_meta(value) for value in example_inputs]
-        _ShapeRecorder(_meta_copy(gm), gm).run(*meta_inputs)
+        with torch.no_grad():  # shapes only: no autograd, no reversible stage machinery
+            _ShapeRecorder(_meta_copy(gm), gm).run(*meta_inputs)
         return
     except Exception:  # retried with FakeTensors, which also handle device mixing
         pass
@@ -57,7 +58,7 @@ def propagate_shapes(gm: GraphModule, example_inputs: Sequence[torch.Tensor]) ->
             fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
             for value in example_inputs
         ]
-        with fake_mode:
+        with fake_mode, torch.no_grad():
             recorder.run(*fake_inputs)
     except Exception as error:
         for node in gm.graph.nodes:

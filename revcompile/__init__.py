@@ -19,7 +19,8 @@ from revcompile.nn import AdditiveCoupling, ReversibleSequence, reference_mode
 
 if TYPE_CHECKING:
     from revcompile.api import analyze, convert, report
-    from revcompile.report import ConversionReport
+    from revcompile.conversion_report import ConversionReport
+    from revcompile.io import load, save
 
 __version__ = "0.1.0"
 
@@ -27,8 +28,10 @@ _LAZY = {
     "analyze": "revcompile.api",
     "convert": "revcompile.api",
     "report": "revcompile.api",
-    "ConversionReport": "revcompile.report",
+    "ConversionReport": "revcompile.conversion_report",
     "memory": "revcompile.memory",
+    "load": "revcompile.io",
+    "save": "revcompile.io",
 }
 
 __all__ = [
@@ -38,9 +41,11 @@ __all__ = [
     "ReversibleSequence",
     "analyze",
     "convert",
+    "load",
     "memory",
     "reference_mode",
     "report",
+    "save",
 ]
 
 

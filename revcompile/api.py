@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.fx import GraphModule
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from passes.cleanup import cleanup
 from passes.emit import Policy, emit
@@ -17,11 +18,11 @@ from passes.ir import Plan
 from passes.plan import Leftover, plan, report_from_plan
 from passes.shape_prop import propagate_guessed_shapes, propagate_shapes
 from passes.trace import trace
+from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError
 from revcompile.nn import ReversibleSequence
-from revcompile.report import ConversionReport
 
-REPORT_KEY = "revcompile_report"
+REPORT_ATTRIBUTE = "revcompile_report"
 
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor] | None
 
@@ -121,13 +122,25 @@ def convert(
     the_report.changes += changes
     the_report.params_after = sum(p.numel() for p in gm.parameters())
     the_report.policy = policy
-    gm.meta[REPORT_KEY] = the_report
+    attach_report(gm, the_report)
     return gm
+
+
+def attach_report(gm: GraphModule, the_report: ConversionReport) -> None:
+    """Store ``the_report`` on ``gm`` so that it survives pickling and deepcopy.
+
+    fx keeps a plain attribute through ``torch.save``/``torch.load`` but drops
+    it in ``copy.deepcopy``; the attributes listed in ``meta`` under
+    ``_USER_PRESERVED_ATTRIBUTES_KEY`` are restored by deepcopy (the mechanism
+    torch.ao.quantization uses for the same purpose).
+    """
+    setattr(gm, REPORT_ATTRIBUTE, the_report)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[REPORT_ATTRIBUTE] = the_report
 
 
 def report(gm: nn.Module) -> ConversionReport:
     """The ConversionReport that ``convert`` attached to ``gm``."""
-    found = getattr(gm, "meta", {}).get(REPORT_KEY)
+    found = getattr(gm, REPORT_ATTRIBUTE, None)
     if found is None:
         raise ValueError(
             f"{type(gm).__name__} was not made by revcompile.convert: it has no report"

@@ -12,7 +12,9 @@ This module is the runtime: it never imports the compiler passes.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -103,13 +105,18 @@ def _shape_checked(where: str, which: str, inp: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 class ReversibleSequence(nn.Module):
     """A stage of additive couplings on the two halves of its input along ``dim``.
 
     ``forward(x)`` splits ``x`` into halves ``(x1, x2)``, runs the couplings in
     order and returns ``cat(y1, y2)``. With grad enabled (training) it stores
     only its output; backward reconstructs the inputs of every coupling. Under
-    ``reference_mode()`` or with grad disabled it is a plain forward.
+    ``reference_mode()`` or with grad disabled it is a plain forward. Under
+    autocast a float16/bfloat16 input is carried in float32 (F and G still run
+    in the autocast dtype), so reconstruction is exact up to float32 rounding.
     """
 
     def __init__(self, couplings: Sequence[AdditiveCoupling], dim: int = 1, name: str = "") -> None:
@@ -142,7 +149,15 @@ class ReversibleSequence(nn.Module):
             x1, x2 = coupling(x1, x2)
         return torch.cat([x1, x2], dim=self.dim)
 
+    # torch.compile runs the stage eagerly (a graph break): dynamo cannot trace the
+    # RNG bookkeeping, and the custom backward is what saves the memory.
+    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in _LOW_PRECISION and torch.is_autocast_enabled(x.device.type):
+            # Under autocast the stage input is often a low-precision conv output;
+            # a low-precision trunk would reconstruct x2 = y2 - G(y1) with 2**-8
+            # rounding, compounding over couplings. The trunk is carried in float32.
+            x = x.float()
         params = [p for p in self.parameters() if p.requires_grad]
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(params))
         if in_reference_mode() or not needs_grad:
@@ -301,12 +316,14 @@ class CheckpointedSegment(nn.Module):
         super().__init__()
         self.body = body
 
+    @torch.compiler.disable
     def forward(self, *args):
         if in_reference_mode() or not torch.is_grad_enabled():
             return self.body(*args)
-        return checkpoint(self.body, *args, use_reentrant=False, context_fn=self._contexts)
+        contexts = functools.partial(_recompute_contexts, self.body)
+        return checkpoint(self.body, *args, use_reentrant=False, context_fn=contexts)
 
-    def _contexts(
-        self,
-    ) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), preserved_buffers(self.body)
+
+def _recompute_contexts(body: nn.Module) -> tuple[AbstractContextManager, AbstractContextManager]:
+    """No context for the forward; the recomputation restores ``body``'s buffers."""
+    return contextlib.nullcontext(), preserved_buffers(body)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from equivalence import assert_close_rel, compare_with_reference, training_step
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -79,66 +80,6 @@ def make_stack(spec: StackSpec) -> ReversibleSequence:
 def make_input(spec: StackSpec, dtype=torch.float64) -> torch.Tensor:
     shape = (spec.batch, 2 * spec.half) + (spec.spatial,) * (spec.ndim - 2)
     return torch.randn(shape, dtype=dtype, requires_grad=True)
-
-
-@dataclass
-class StepResult:
-    output: torch.Tensor
-    input_grad: torch.Tensor
-    param_grads: list[torch.Tensor | None]
-    buffers: list[torch.Tensor]
-
-
-def training_step(stage: nn.Module, x: torch.Tensor, *, reference: bool, seed: int = 0):
-    """Forward, a loss that weights every output element differently, backward."""
-    x = x.detach().clone().requires_grad_()
-    torch.manual_seed(seed)
-    weights = torch.randn_like(x)
-    if reference:
-        with reference_mode():
-            out = stage(x)
-    else:
-        out = stage(x)
-    (out * weights).sum().backward()
-    return StepResult(
-        output=out.detach(),
-        input_grad=x.grad,
-        param_grads=[None if p.grad is None else p.grad.clone() for p in stage.parameters()],
-        buffers=[b.clone() for b in stage.buffers()],
-    )
-
-
-def assert_close_rel(
-    actual: torch.Tensor, expected: torch.Tensor, rtol: float, floor: float = 0.0
-) -> None:
-    """Max error relative to max(largest entry of ``expected``, ``floor``)."""
-    scale = max(expected.abs().max().item(), floor)
-    err = (actual - expected).abs().max().item() / scale
-    assert err <= rtol, f"relative error {err:.3e} > {rtol:.0e}"
-
-
-def compare_with_reference(stage: nn.Module, x: torch.Tensor, rtol: float = 1e-10) -> None:
-    """Reversible step vs reference_mode step on a deep copy: outputs, grads, buffers.
-
-    Gradients that are zero in exact arithmetic (a conv bias before BatchNorm)
-    come out as rounding noise of the other gradients' size (1e-15 of them) on
-    both sides, so each gradient is compared relative to at least 1e-3 of the
-    largest gradient entry of the step (1e-13 of it absolute at rtol=1e-10).
-    """
-    reference = copy.deepcopy(stage)
-    got = training_step(stage, x, reference=False)
-    want = training_step(reference, x, reference=True)
-    assert_close_rel(got.output, want.output, rtol)
-    assert_close_rel(got.input_grad, want.input_grad, rtol)
-    trained = [(g, w) for g, w in zip(got.param_grads, want.param_grads) if w is not None]
-    assert trained
-    floor = 1e-3 * max(w.abs().max().item() for _, w in trained)
-    for g, w in zip(got.param_grads, want.param_grads):
-        assert (g is None) == (w is None)
-        if w is not None:
-            assert_close_rel(g, w, rtol, floor)
-    for b, w in zip(got.buffers, want.buffers):
-        assert torch.equal(b, w)
 
 
 @given(stack_specs())
