@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 from passes.find_residuals import common_module_prefix
 from passes.ir import BlockPlan, Coupling, Plan, RejectedAdd, ResidualBlock, Stage
 from passes.trace import module_path
-from revcompile.report import BlockReport, ConversionReport, RejectedReport, StageReport
+from revcompile.conversion_report import BlockReport, ConversionReport, RejectedReport, StageReport
 
 BranchCheck = Callable[[GraphModule, ResidualBlock], "str | None"]
 """``branch_check(gm, block)`` returns why the branch cannot be split into

@@ -18,8 +18,8 @@ from passes.plan import ODD_LEFTOVER, PROJECTION, plan, report_from_plan
 from passes.shape_prop import propagate_shapes
 from passes.trace import trace
 from revcompile.api import analyze, run_analysis
+from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError
-from revcompile.report import ConversionReport
 
 
 def _split(report: ConversionReport) -> tuple[list[str], list[str]]:
