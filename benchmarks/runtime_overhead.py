@@ -1,0 +1,197 @@
+"""What reversibility costs: a reversible conv stage versus the same stage in reference_mode.
+
+One training step (forward, sum loss, backward, SGD step) of a
+``ReversibleSequence`` of 16 additive couplings on a 64-channel 32x32 input
+(batch 32; F and G are 32-channel conv-bn-relu-conv-bn residual functions),
+against the very same module (same parameters) under
+``revcompile.reference_mode()``, where autograd stores every activation.
+The two are timed round-robin in one process (warm-up, then the median of the
+repeats), so the time ratio comes from one run on one machine state. Saved
+activation bytes (deterministic) and peak step memory (fresh process each)
+complete the picture. Target (issue 2): time ratio <= 1.40.
+
+    python -m benchmarks.runtime_overhead            # full run
+    python -m benchmarks.runtime_overhead --quick    # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from benchmarks import _common as common
+
+TARGET_TIME_RATIO = 1.40
+
+
+def coupling_stage(couplings: int, channels: int, reference: bool, seed: int = 0) -> nn.Module:
+    """The benchmarked stage (wrapped in reference_mode when ``reference``)."""
+    from revcompile import AdditiveCoupling, ReversibleSequence
+
+    torch.manual_seed(seed)
+    half = channels // 2
+    stage = ReversibleSequence(
+        [
+            AdditiveCoupling(
+                common.residual_function(half, half), common.residual_function(half, half)
+            )
+            for _ in range(couplings)
+        ],
+        name="bench",
+    )
+    return common.ReferenceMode(stage) if reference else stage
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--couplings", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32, help="height and width")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--no-peak", action="store_true", help="skip peak step memory")
+    parser.add_argument("--quick", action="store_true", help="small smoke-test configuration")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.couplings, args.batch, args.warmup, args.repeats = 4, 8, 1, 3
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = time.perf_counter()
+    meta = common.base_meta("runtime_overhead", argv, args.device)
+    meta["notes"] = [
+        f"{args.warmup} warm-up round(s), median of {args.repeats} timed rounds, the two "
+        "variants alternating (few repeats: a step takes seconds on a 2-core CPU)."
+    ]
+    meta["config"] = {
+        k: getattr(args, k) for k in ("couplings", "batch", "channels", "size", "warmup", "repeats")
+    }
+    device = torch.device(args.device)
+    shape = (args.batch, args.channels, args.size, args.size)
+
+    stage = coupling_stage(args.couplings, args.channels, reference=False).to(device).train()
+    variants = {"reversible": stage, "reference_mode": common.ReferenceMode(stage)}
+    x = torch.randn(*shape, device=device)
+    steps = {
+        name: common.training_step(model, x, torch.optim.SGD(stage.parameters(), lr=1e-3))
+        for name, model in variants.items()
+    }
+    rounds = args.warmup + args.repeats
+    with tqdm(total=rounds * len(steps), desc="timing (interleaved)", unit="step") as bar:
+        timings = common.interleaved_times(
+            steps, device, args.warmup, args.repeats, progress=lambda _: bar.update()
+        )
+
+    rows: list[dict[str, Any]] = []
+    for name, model in tqdm(variants.items(), desc="memory", unit="variant"):
+        row: dict[str, Any] = {"variant": name, **timings[name]}
+        row["saved_bytes"] = common.saved_bytes(model, shape, device)
+        if not args.no_peak:
+            factory = functools.partial(
+                coupling_stage, args.couplings, args.channels, name == "reference_mode"
+            )
+            from revcompile.memory import peak_step_memory
+
+            try:
+                row["peak_step_bytes"] = peak_step_memory(factory, shape, args.device, timeout=600)
+            except RuntimeError as exc:
+                row["peak_error"] = common.error_text(exc)
+        rows.append(row)
+
+    rev, ref = rows
+    paired = [a / b for a, b in zip(rev["times_s"], ref["times_s"], strict=False) if b]
+    summary = {
+        "time_ratio": common.ratio(rev.get("median_s"), ref.get("median_s")),
+        # Robustness checks on a shared machine: fastest step of each (least disturbed
+        # by other processes) and the median of the per-round ratios.
+        "time_ratio_of_minima": common.ratio(
+            min(rev["times_s"], default=None), min(ref["times_s"], default=None)
+        ),
+        "time_ratio_paired_median": statistics.median(paired) if paired else None,
+        "saved_bytes_ratio": common.ratio(rev["saved_bytes"], ref["saved_bytes"]),
+        "peak_ratio": common.ratio(rev.get("peak_step_bytes"), ref.get("peak_step_bytes")),
+        "target_time_ratio": TARGET_TIME_RATIO,
+    }
+    summary["time_target_met"] = (
+        summary["time_ratio"] is not None and summary["time_ratio"] <= TARGET_TIME_RATIO
+    )
+    meta["summary"] = summary
+    common.finish_meta(meta, started)
+
+    stem = common.result_stem("runtime_overhead", quick=args.quick, device=args.device)
+    common.write_results(stem, rows, meta)
+    markdown = common.print_table(
+        f"{args.couplings}-coupling stage, batch {args.batch}, {args.channels} ch, "
+        f"{args.size}x{args.size} — {common.machine_line(meta['machine'])}",
+        ["variant", "step time (median s)", "saved MiB", "peak step MiB"],
+        [
+            [
+                r["variant"],
+                common.seconds(r.get("median_s")),
+                common.mib(r["saved_bytes"]),
+                common.mib(r.get("peak_step_bytes")),
+            ]
+            for r in rows
+        ]
+        + [
+            [
+                "ratio reversible / reference",
+                _fmt_ratio(summary["time_ratio"]),
+                _fmt_ratio(summary["saved_bytes_ratio"]),
+                _fmt_ratio(summary["peak_ratio"]),
+            ]
+        ],
+    )
+    stem.with_suffix(".md").write_text(markdown + "\n")
+    _plot(rows, summary, stem, args)
+    verdict = "met" if summary["time_target_met"] else "MISSED"
+    print(
+        f"time ratio {_fmt_ratio(summary['time_ratio'])} (target <= {TARGET_TIME_RATIO}: {verdict})"
+    )
+    print(f"load average start {meta['load_average_start']} end {meta['load_average_end']}")
+    print(f"wrote {stem}.{{csv,json,md,png}}")
+    return 0
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], stem: Any, args: Any) -> None:
+    plt = common.pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["variant"] for r in rows]
+    for i, r in enumerate(rows):
+        left.scatter([i] * len(r["times_s"]), r["times_s"], alpha=0.5, color="gray", s=12)
+        if "median_s" in r:
+            left.bar(i, r["median_s"], alpha=0.6)
+    left.set_xticks(range(len(names)), names)
+    left.set_ylabel("training step time (s)")
+    left.set_title(f"time ratio {_fmt_ratio(summary['time_ratio'])} (target <= 1.40)")
+    width = 0.4
+    saved = [r["saved_bytes"] / 2**20 for r in rows]
+    peak = [r.get("peak_step_bytes", 0) / 2**20 for r in rows]
+    right.bar([i - width / 2 for i in range(len(rows))], saved, width, label="saved activations")
+    right.bar([i + width / 2 for i in range(len(rows))], peak, width, label="peak step memory")
+    right.set_xticks(range(len(names)), names)
+    right.set_ylabel("MiB")
+    right.legend()
+    right.set_title(f"{args.couplings} couplings, batch {args.batch}, {args.channels} ch")
+    common.save_figure(fig, stem)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,241 @@
+"""torchvision ResNets: memory and step time of revcompile against the alternatives.
+
+resnet50/101/152 at 224x224 (batch 8 on CPU, 64 on CUDA), random weights.
+For each model and variant: saved activation bytes of a training forward,
+peak memory of one training step in a fresh process (the headline: saved bytes
+miss the transient peak of recomputation), and the training step time
+(forward, cross-entropy, backward, SGD step; all eager variants of a model are
+timed round-robin in one process: warm-up rounds, then the median of the
+repeats). Variants:
+
+* ``original``; ``checkpoint_per_block`` (non-reentrant checkpoint around
+  every bottleneck block); ``checkpoint_sequential`` (sqrt(#blocks) segments);
+* ``torch_compile_budget``: ``torch.compile`` with
+  ``torch._functorch.config.activation_memory_budget = 0.1``, in its own
+  process under ``--compile-timeout`` (compiling on a small CPU is slow; a
+  timeout or failure is recorded, and a model that timed out skips the
+  deeper ones);
+* ``momentumnet``: ``momentumnet.transform_to_momentumnet`` (memory-saving mode);
+* ``revcompile_checkpoint`` (the default), ``revcompile_store`` and
+  ``revcompile_reference`` (the converted network under
+  ``revcompile.reference_mode()``: same architecture, activations stored; it
+  isolates the cost of reversibility).
+
+Targets (issue 5): step time revcompile / its reference_mode <= 1.40; the
+default conversion lowest in peak step memory of all variants.
+
+    python -m benchmarks.torchvision_models              # full run (CPU)
+    python -m benchmarks.torchvision_models --quick      # smoke test
+    python -m benchmarks.torchvision_models --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import _common as common
+
+MODELS = ("resnet50", "resnet101", "resnet152")
+VARIANTS = (
+    "original",
+    "checkpoint_per_block",
+    "checkpoint_sequential",
+    "torch_compile_budget",
+    "momentumnet",
+    "revcompile_store",
+    "revcompile_checkpoint",
+    "revcompile_reference",
+)
+TARGET_TIME_RATIO = 1.40
+DEFAULT = "revcompile_checkpoint"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--batch", type=int, default=None, help="default 8 (CPU) / 64 (CUDA)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds")
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds (median)")
+    parser.add_argument("--no-peak", action="store_true", help="skip peak step memory")
+    parser.add_argument("--peak-timeout", type=float, default=600.0)
+    parser.add_argument("--compile-timeout", type=float, default=300.0)
+    parser.add_argument("--quick", action="store_true", help="resnet50, batch 2, 1 repeat")
+    args = parser.parse_args(argv)
+    if args.batch is None:
+        args.batch = 64 if args.device.startswith("cuda") else 8
+    if args.quick:
+        args.models, args.batch, args.repeats, args.compile_timeout = ["resnet50"], 2, 1, 240.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = time.perf_counter()
+    meta = common.base_meta("torchvision_models", argv, args.device)
+    meta["config"] = {
+        "models": args.models,
+        "variants": args.variants,
+        "batch": args.batch,
+        "input": [3, 224, 224],
+        "warmup_rounds": args.warmup,
+        "timed_rounds": args.repeats,
+        "compile_timeout_s": args.compile_timeout,
+        "compile_activation_memory_budget": common.COMPILE_ACTIVATION_BUDGET,
+    }
+    meta["notes"] = [
+        "Step times: eager variants of one model timed round-robin in one process; "
+        f"{args.warmup} warm-up round(s), median of {args.repeats} timed rounds (few repeats "
+        "to keep the full run near 15 minutes on a 2-core CPU; ratios are from one run).",
+        "torch_compile_budget: built, timed and measured in its own process; "
+        "first_step_s includes compilation.",
+        "peak_step_bytes: revcompile.memory.peak_step_memory (fresh process, warm-up step).",
+    ]
+    stem = common.result_stem("torchvision_models", quick=args.quick, device=args.device)
+    rows = common.run_matrix(
+        args.models,
+        args.variants,
+        batch=args.batch,
+        device=args.device,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        peak=not args.no_peak,
+        peak_timeout=args.peak_timeout,
+        isolated_timeout=args.compile_timeout,
+        on_spec_done=functools.partial(common.write_partial, stem, meta),
+    )
+    meta["summary"] = _summary(rows, args.models)
+    common.finish_meta(meta, started)
+
+    common.write_results(stem, rows, meta)
+    tables = [_table(rows, model, args, meta) for model in args.models]
+    stem.with_suffix(".md").write_text("\n\n".join(tables) + "\n")
+    _plot(rows, args, stem, meta)
+    for model, entry in meta["summary"].items():
+        print(
+            f"{model}: time revcompile/reference {_fmt(entry.get('time_ratio_vs_reference'))} "
+            f"(target <= {TARGET_TIME_RATIO}); default lowest peak: "
+            f"{entry.get('default_lowest_peak')} (lowest other: {entry.get('lowest_other_peak')})"
+        )
+    print(f"load average start {meta['load_average_start']} end {meta['load_average_end']}")
+    print(f"wrote {stem}.{{csv,json,md,png}}")
+    return 0
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _summary(rows: list[dict[str, Any]], models: list[str]) -> dict[str, Any]:
+    """Per model: ratios to the original, the two targets."""
+    summary: dict[str, Any] = {}
+    for model in models:
+        by = {r["variant"]: r for r in rows if r["model"] == model}
+        base = by.get("original", {})
+        default = by.get(DEFAULT, {})
+        entry: dict[str, Any] = {}
+        time_ratio = common.ratio(
+            default.get("median_s"), by.get("revcompile_reference", {}).get("median_s")
+        )
+        entry["time_ratio_vs_reference"] = time_ratio
+        entry["time_target_met"] = time_ratio is not None and time_ratio <= TARGET_TIME_RATIO
+        others = {
+            v: r["peak_step_bytes"]
+            for v, r in by.items()
+            if v != DEFAULT and r.get("peak_step_bytes") is not None
+        }
+        if default.get("peak_step_bytes") is not None and others:
+            lowest = min(others, key=others.__getitem__)
+            entry["lowest_other_peak"] = lowest
+            entry["default_lowest_peak"] = default["peak_step_bytes"] < others[lowest]
+        for r in by.values():
+            r["saved_ratio_vs_original"] = common.ratio(
+                r.get("saved_bytes"), base.get("saved_bytes")
+            )
+            r["peak_ratio_vs_original"] = common.ratio(
+                r.get("peak_step_bytes"), base.get("peak_step_bytes")
+            )
+            r["time_ratio_vs_original"] = common.ratio(r.get("median_s"), base.get("median_s"))
+        summary[model] = entry
+    return summary
+
+
+def _table(rows: list[dict[str, Any]], model: str, args: argparse.Namespace, meta: dict) -> str:
+    lines = []
+    for r in (r for r in rows if r["model"] == model):
+        if "skipped" in r or "error" in r:
+            status = r.get("skipped") or "failed: " + r["error"][:80]
+            lines.append([r["variant"], "-", "-", "-", "-", "-", "-", status])
+            continue
+        lines.append(
+            [
+                r["variant"],
+                common.mib(r.get("peak_step_bytes")),
+                _fmt(r.get("peak_ratio_vs_original")),
+                common.mib(r.get("saved_bytes")),
+                _fmt(r.get("saved_ratio_vs_original"), 3),
+                common.seconds(r.get("median_s")),
+                _fmt(r.get("time_ratio_vs_original")),
+                ("peak failed: " + r["peak_error"][:60]) if "peak_error" in r else "",
+            ]
+        )
+    return common.print_table(
+        f"{model}, batch {args.batch}, 224x224 — {common.machine_line(meta['machine'])}",
+        [
+            "variant",
+            "peak step MiB",
+            "peak / orig",
+            "saved MiB",
+            "saved / orig",
+            "step s (median)",
+            "time / orig",
+            "note",
+        ],
+        lines,
+    )
+
+
+def _plot(rows: list[dict[str, Any]], args: argparse.Namespace, stem: Path, meta: dict) -> None:
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    width = 0.8 / max(1, len(args.variants))
+    for index, variant in enumerate(args.variants):
+        by_model = {r["model"]: r for r in rows if r["variant"] == variant}
+        xs = [m + (index - len(args.variants) / 2 + 0.5) * width for m in range(len(args.models))]
+        for ax, key, scale in (
+            (axes[0], "peak_step_bytes", 2**20),
+            (axes[1], "saved_bytes", 2**20),
+            (axes[2], "median_s", 1.0),
+        ):
+            values = [(by_model.get(m) or {}).get(key) for m in args.models]
+            ax.bar(
+                xs,
+                [0 if v is None else v / scale for v in values],
+                width,
+                label=variant,
+                hatch="//" if variant.startswith("revcompile") else None,
+            )
+    for ax, label in zip(
+        axes, ("peak step memory (MiB)", "saved activations (MiB)", "step time (s)"), strict=True
+    ):
+        ax.set_xticks(range(len(args.models)), args.models)
+        ax.set_ylabel(label)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(
+        f"torchvision ResNets, batch {args.batch}, 224x224 — "
+        f"{common.machine_line(meta['machine'])}",
+        fontsize=9,
+    )
+    common.save_figure(fig, stem)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
