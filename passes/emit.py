@@ -1,8 +1,10 @@
 """Pass 6: rewrite the planned stages into ReversibleSequence calls (DESIGN.md §4, §6).
 
 Each Stage of the plan becomes one ``call_module`` of a ``ReversibleSequence``
-whose couplings hold half-width F and G branches built by
-``passes.partition.build_branch``. The nodes the stage absorbed are erased; the
+whose couplings hold F and G branches built by
+``passes.partition.build_branch``: half-width along the channel axis
+``halving_dim`` finds for a ``halve`` stage, full-width copies for a
+``duplicate`` stage. The nodes the stage absorbed are erased; the
 post-op of the stage's last block is re-applied after the stage, out of place
 (the stage's output is saved for backward and must not be written).
 
@@ -21,9 +23,9 @@ from typing import Literal
 
 from torch.fx import Graph, GraphModule, Node
 
-from passes.find_residuals import common_module_prefix
+from passes.find_residuals import common_module_prefix, reads_metadata_only
 from passes.ir import Coupling, Plan, Stage
-from passes.partition import build_branch, out_of_place
+from passes.partition import build_branch, channel_axes, halving_dim, out_of_place
 from revcompile.errors import ConversionError
 from revcompile.nn import AdditiveCoupling, CheckpointedSegment, ReversibleSequence
 
@@ -47,9 +49,13 @@ def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[
     """
     if policy not in ("checkpoint", "store"):
         raise ValueError(f"policy must be 'checkpoint' or 'store', not {policy!r}")
+    # Every stage is built from the original graph before any of it is rewritten.
+    built = [_build_stage(gm, stage) for stage in plan.stages]
+    replaced: dict[Node, Node] = {}
     changes: list[str] = []
-    for stage in plan.stages:
-        changes += _emit_stage(gm, stage)
+    for stage, module in zip(plan.stages, built):
+        changes += _emit_stage(gm, stage, module, replaced)
+    _erase_dead_constants(gm.graph)
     if policy == "checkpoint" and plan.stages:
         stage_names = {stage.name for stage in plan.stages}
         changes += _checkpoint_segments(
@@ -58,12 +64,27 @@ def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[
     return changes
 
 
-def _emit_stage(gm: GraphModule, stage: Stage) -> list[str]:
-    channels = _channels(stage.input)
-    low, high = slice(0, channels // 2), slice(channels // 2, channels)
-    couplings = [_coupling(gm, coupling, low, high) for coupling in stage.couplings]
-    gm.add_submodule(stage.name, ReversibleSequence(couplings, dim=1, name=stage.name))
+def _build_stage(gm: GraphModule, stage: Stage) -> ReversibleSequence:
+    """The ReversibleSequence of ``stage``: half-width branches along the channel
+    axis ``halving_dim`` finds, or full-width copies for a duplicate stage."""
+    if stage.split == "halve":
+        dim = halving_dim(gm, stage.couplings[0].f)
+        channels = _channels(stage.input, dim)
+        halves = slice(0, channels // 2), slice(channels // 2, channels)
+    else:
+        dim, halves = channel_axes(stage.input)[0], None
+    couplings = [_coupling(gm, coupling, halves, dim) for coupling in stage.couplings]
+    return ReversibleSequence(couplings, dim=dim, name=stage.name, split=stage.split)
 
+
+def _emit_stage(
+    gm: GraphModule, stage: Stage, module: ReversibleSequence, replaced: dict[Node, Node]
+) -> list[str]:
+    """Put ``module`` in place of ``stage``'s nodes. ``replaced`` maps the
+    outputs of stages emitted before to the nodes now computing them (a stage
+    may start where the previous one ends); it is extended with this one's."""
+    gm.add_submodule(stage.name, module)
+    stage_input = replaced.get(stage.input, stage.input)
     last = stage.last_block
     absorbed = [
         node
@@ -74,17 +95,35 @@ def _emit_stage(gm: GraphModule, stage: Stage) -> list[str]:
     ]
     absorbed += [c.f_pre_op for c in stage.couplings if c.f_pre_op is not None]
     absorbed += [c.g_pre_op for c in stage.couplings if c.g_pre_op is not None]
-    changes = [f"{len(absorbed)} nodes of {len(couplings)} couplings became {stage.name}"]
+    # Unused parts of a block's results (the weights MultiheadAttention returns) go too.
+    inside = set(absorbed)
+    absorbed += [
+        user
+        for n in inside
+        for user in n.users
+        if user not in inside and user.op != "output" and not user.users and not user.is_impure()
+    ]
+    # Shape checks on the trunk inside the chain (ViT's ``torch._assert(x.dim() == 3)``)
+    # read the stage input instead: every trunk value of a chain has its shape.
+    for node in inside:
+        for user in list(node.users):
+            if user not in inside and reads_metadata_only(user):
+                user.replace_input_with(node, stage_input)
+    changes = [
+        f"{len(absorbed)} nodes of {len(module.couplings)} couplings became {stage.name} "
+        f"(split={stage.split}, dim={module.dim})"
+    ]
 
     graph = gm.graph
     with graph.inserting_after(last.output):
-        stage_node = graph.call_module(stage.name, (stage.input,))
+        stage_node = graph.call_module(stage.name, (stage_input,))
     result = stage_node
     if last.post_op is not None:
         with graph.inserting_after(stage_node):
             result = _copy_out_of_place(gm, last.post_op, stage_node, f"{stage.name}_post_op")
         changes.append(f"post-op {_describe(last.post_op)} of {last.name} stays after {stage.name}")
     last.output.replace_all_uses_with(result)
+    replaced[last.output] = result
     if last.post_op is not None:
         absorbed.append(last.post_op)
     for node in sorted(set(absorbed), key=_position(graph), reverse=True):
@@ -103,23 +142,47 @@ def _emit_stage(gm: GraphModule, stage: Stage) -> list[str]:
     return changes
 
 
-def _coupling(gm: GraphModule, coupling: Coupling, low: slice, high: slice) -> AdditiveCoupling:
-    """F reads x2 (high half) and writes into y1 (low half); G the other way round."""
-    f = build_branch(gm, coupling.f, pre_op=coupling.f_pre_op, reads=high, writes=low)
+def _erase_dead_constants(graph: Graph) -> None:
+    """Erase the parameter reads (and values computed from parameters alone) that
+    only the absorbed blocks used, so no segment outlined later holds them."""
+    constants: set[Node] = set()
+    for node in graph.nodes:
+        if node.op == "get_attr" or (
+            node.op in ("call_function", "call_method")
+            and node.all_input_nodes
+            and all(arg in constants for arg in node.all_input_nodes)
+        ):
+            constants.add(node)
+    for node in reversed(list(graph.nodes)):
+        if node in constants and not node.users and not node.is_impure():
+            graph.erase_node(node)
+
+
+def _coupling(
+    gm: GraphModule, coupling: Coupling, halves: tuple[slice, slice] | None, dim: int
+) -> AdditiveCoupling:
+    """With ``halves = (low, high)``, F reads x2 (high half) and writes into y1
+    (low half), G the other way round; with None both keep full width."""
+    low, high = halves if halves is not None else (None, None)
+    f = build_branch(
+        gm, coupling.f, pre_op=coupling.f_pre_op, reads=high, writes=low, channels_dim=dim
+    )
     g = None
     if coupling.g is not None:
-        g = build_branch(gm, coupling.g, pre_op=coupling.g_pre_op, reads=low, writes=high)
+        g = build_branch(
+            gm, coupling.g, pre_op=coupling.g_pre_op, reads=low, writes=high, channels_dim=dim
+        )
     return AdditiveCoupling(f, g)
 
 
-def _channels(node: Node) -> int:
+def _channels(node: Node, dim: int) -> int:
     meta = node.meta.get("tensor_meta")
     if meta is None:
         raise ConversionError(
             f"the shape of {node.name} is unknown; pass example_inputs to convert() so that "
             "channel counts can be checked"
         )
-    return int(meta.shape[1])
+    return int(meta.shape[dim])
 
 
 def _copy_out_of_place(gm: GraphModule, node: Node, new_input: Node, name: str) -> Node:

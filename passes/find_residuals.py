@@ -15,8 +15,9 @@ For every add-like node ``join`` (``operator.add``, ``operator.iadd``,
    such blocks. A fork that is also read elsewhere does not disqualify the
    block (only chaining, which planning checks).
 3. Identity shortcut iff ``fork`` is an operand of ``join``. Otherwise the
-   operand whose exclusive path has no nonlinearity is a projection shortcut
-   (1x1 conv + norm, subsample + zero-pad, pooling); when both or neither
+   operand whose exclusive path has no nonlinearity (an activation, or a
+   norm-activation module such as timm's BatchNormAct2d) is a projection
+   shortcut (1x1 conv + norm, subsample + zero-pad, pooling); when both or neither
    operand has one, the add joins parallel branches (Inception-style) and is
    rejected.
 4. A single element-wise activation that is ``join``'s only user is the
@@ -98,6 +99,23 @@ def is_add(node: Node) -> bool:
     if node.op == "call_function":
         return any(node.target is add for add in ADD_FUNCTIONS)
     return node.op == "call_method" and node.target in ADD_METHODS
+
+
+METADATA_METHODS = frozenset({"dim", "size", "ndimension", "numel", "nelement"})
+METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
+
+
+def reads_metadata_only(node: Node) -> bool:
+    """True for ops that read only the shape, dtype or device of their tensor
+    argument (``x.dim()``, ``x.shape``), never its values."""
+    if node.op == "call_method":
+        return node.target in METADATA_METHODS
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) == 2
+        and node.args[1] in METADATA_ATTRIBUTES
+    )
 
 
 def activation_name(gm: GraphModule, node: Node) -> str | None:
@@ -266,11 +284,22 @@ def _projection_operand(
     one of the two is (the projection shortcut); else None."""
     first_path = _backward_closure([first], stop=fork, dominator=dominator)
     second_path = _backward_closure([second], stop=fork, dominator=dominator)
-    first_nonlinear = any(activation_name(gm, node) for node in first_path - second_path)
-    second_nonlinear = any(activation_name(gm, node) for node in second_path - first_path)
+    first_nonlinear = any(_is_nonlinear(gm, node) for node in first_path - second_path)
+    second_nonlinear = any(_is_nonlinear(gm, node) for node in second_path - first_path)
     if first_nonlinear == second_nonlinear:
         return None
     return second if first_nonlinear else first
+
+
+def _is_nonlinear(gm: GraphModule, node: Node) -> bool:
+    """An activation, or a leaf module that applies one as its ``act`` (timm's
+    BatchNormAct2d, kept whole by timm's no-trace registry)."""
+    if activation_name(gm, node):
+        return True
+    if node.op != "call_module":
+        return False
+    act = getattr(gm.get_submodule(node.target), "act", None)
+    return isinstance(act, torch.nn.Module) and type(act).__name__.lower() in ACTIVATION_NAMES
 
 
 def _post_op(gm: GraphModule, join: Node) -> Node | None:
@@ -310,10 +339,17 @@ def common_module_prefix(paths: Iterable[str]) -> str:
 
 def _make_names_unique(blocks: list[ResidualBlock]) -> None:
     """Blocks that share a name (several adds in one module forward) fall back
-    to the common module prefix of their region, then to the add node's name."""
+    to the common module prefix of their region, then to the add node's name
+    within the module holding the add (``encoder.layers.encoder_layer_0.add_1``
+    for ViT's attention and MLP blocks)."""
+
+    def within_module(block: ResidualBlock) -> str:
+        path = module_path(block.join)
+        return f"{path}.{block.join.name}" if path else block.join.name
+
     for fallback in (
         lambda block: common_module_prefix(module_path(node) for node in block.region),
-        lambda block: block.join.name,
+        within_module,
     ):
         counts: dict[str, int] = {}
         for block in blocks:

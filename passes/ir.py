@@ -15,6 +15,7 @@ from torch.fx import Node
 
 ShortcutKind = Literal["identity", "projection"]
 Fate = Literal["F", "G", "half", "kept"]
+StageSplit = Literal["halve", "duplicate"]
 
 
 @dataclass(eq=False)
@@ -75,11 +76,14 @@ class Stage:
 
     ``input`` is the fork of the first block; ``last_block`` the last block
     absorbed into the stage, whose post-op (if any) stays after the stage.
+    ``split`` says how the stage input becomes the two coupling streams:
+    channel halves with half-width branches, or two copies with full-width
+    branches.
     """
 
     name: str
     couplings: list[Coupling]
-    split: Literal["halve", "duplicate"] = "halve"
+    split: StageSplit = "halve"
 
     @property
     def input(self) -> Node:
@@ -99,6 +103,8 @@ class BlockPlan:
     fate: Fate
     stage: str | None = None
     reason: str | None = None
+    halving_unsupported: bool = False
+    """Kept only because its branch cannot be halved: a duplicate stage could take it."""
 
 
 @dataclass(eq=False)

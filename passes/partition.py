@@ -14,12 +14,17 @@ space ``IN``. Walking the branch forward in graph order:
 * a channel-mixing layer (``Conv`` with ``groups == 1``, ``Linear`` on the
   channel axis) reads one space and opens a fresh one for its output;
 * a channel-preserving op (BatchNorm, GroupNorm, LayerNorm over the channel
-  axis, activations, dropout, stochastic depth, pools, depthwise conv with
+  axis as a module or ``F.layer_norm`` as timm calls it, activations,
+  dropout, stochastic depth, pools, depthwise conv with
   ``groups == in == out``, permutes) keeps the space of its input; permutes
   only move the channel axis;
 * an element-wise op of several branch tensors (an SE gate ``x * s``) merges
   their spaces (union-find); a parameter operand (a layer-scale ``gamma`` of
-  shape ``(C, 1, 1)``) takes the space of the tensor it multiplies.
+  shape ``(C, 1, 1)``, or timm's ``gamma.reshape(1, -1, 1, 1)``) takes the
+  space of the tensor it multiplies.
+
+Values computed from parameters alone (a reshaped layer scale, Swin's
+relative position bias) are copied into the branch with it.
 
 The space of the branch output is ``OUT``. Afterwards every op is sliced by the
 role of its space: ops in ``IN`` keep the channels in ``reads`` (the first
@@ -71,6 +76,8 @@ __all__ = [
     "PartitionError",
     "out_of_place",
     "build_branch",
+    "channel_axes",
+    "halving_dim",
     "slice_batchnorm",
     "slice_conv",
     "slice_groupnorm",
@@ -82,11 +89,17 @@ __all__ = [
 
 
 class PartitionError(ConversionError):
-    """The branch cannot be split into halves; ``reason`` is the report text."""
+    """The branch cannot be split into halves; ``reason`` is the report text.
 
-    def __init__(self, reason: str) -> None:
+    ``progress`` counts the branch ops the analysis accepted before failing;
+    among several readings of the channel axis, the one that got furthest
+    gives the reason.
+    """
+
+    def __init__(self, reason: str, progress: int = 0) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.progress = progress
 
 
 # --------------------------------------------------------------------------- op tables
@@ -278,6 +291,9 @@ class _Partition:
     # spaces that may be sliced only if the group count is even
     group_counts: list[tuple[int, int]] = field(default_factory=list)
     mixers: int = 0
+    constants: set[Node] = field(default_factory=set)
+    # F.layer_norm nodes and the space they normalize
+    normalized: list[tuple[Node, int]] = field(default_factory=list)
     reads: slice | None = None
     writes: slice | None = None
     inp: int = 0
@@ -323,6 +339,9 @@ class _Partition:
         """The slice kept by ops in ``space``: ``reads`` for IN, ``writes`` for OUT."""
         return {"in": self.reads, "out": self.writes, None: None}[self.side(space)]
 
+    def is_constant(self, node: Node) -> bool:
+        return node.op == "get_attr" or node in self.constants
+
     # ---- propagation
 
     @classmethod
@@ -340,7 +359,7 @@ class _Partition:
         are the spaces of the branch input and output, distinct, of the same
         even width; raises PartitionError otherwise.
         """
-        self = cls(gm)
+        self = cls(gm, constants=_constants_of(branch))
         meta = block.fork.meta.get("tensor_meta")
         shape = getattr(meta, "shape", None)
         self.inp = self.new_space(None if shape is None else shape[channels_dim])
@@ -350,10 +369,20 @@ class _Partition:
             self.step(pre_op)
             start = self.values[pre_op]
         self.values[block.fork] = start
-        for node in branch:
-            self.step(node)
+        for position, node in enumerate(branch, start=1):
+            if node in self.constants:  # operands of branch ops, checked there
+                continue
+            try:
+                self.step(node)
+            except PartitionError as error:
+                error.progress = position
+                raise
         self.out = self.values[block.branch_out].space
-        self.finish()
+        try:
+            self.finish()
+        except PartitionError as error:
+            error.progress = len(branch) + 1
+            raise
         return self
 
     def step(self, node: Node) -> None:
@@ -435,6 +464,8 @@ class _Partition:
         fn = node.target
         if fn in _ELEMENTWISE_FUNCTIONS:
             return self.source(node)
+        if fn is F.layer_norm:
+            return self.layer_norm(node)
         if fn in _SPATIAL_FUNCTIONS:
             x = self.source(node)
             self.require_axis(node, x, 1)
@@ -458,6 +489,27 @@ class _Partition:
             return self.permute(self.source(node), dims[0] if len(dims) == 1 else dims)
         return None
 
+    def layer_norm(self, node: Node) -> _Value | None:
+        """``F.layer_norm`` over the channel axis (timm's LayerNorm, LayerNorm2d):
+        weight and bias are per-channel parameters; the normalized shape is
+        rewritten when the channels are halved (``arguments``)."""
+        names = ("input", "normalized_shape", "weight", "bias", "eps")
+        bound = dict(zip(names, node.args)) | dict(node.kwargs)
+        inp, shape = bound.get("input"), bound.get("normalized_shape")
+        if not isinstance(inp, Node) or not isinstance(shape, list | tuple) or len(shape) != 1:
+            return None
+        x = self.values[inp]
+        self.require_axis(node, x, -1)
+        self.note_width(x.space, shape[0])
+        for name in ("weight", "bias"):
+            operand = bound.get(name)
+            if isinstance(operand, Node):
+                if not self.is_constant(operand):
+                    return None
+                self.channel_param(operand, x)
+        self.normalized.append((node, x.space))
+        return x
+
     def mix(self, target: str, x: _Value, out_width: int) -> _Value:
         out = self.new_space(out_width)
         self.modules.setdefault(target, []).append((x.space, out))
@@ -478,7 +530,7 @@ class _Partition:
 
     def elementwise(self, node: Node) -> _Value:
         """A broadcasting element-wise op: merge the spaces of its branch operands."""
-        tensors = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        tensors = [a for a in node.all_input_nodes if not self.is_constant(a)]
         if not tensors:
             raise PartitionError(f"unsupported use of {_op_name(node)} in branch")
         first = self.values[tensors[0]]
@@ -491,23 +543,36 @@ class _Partition:
             if not same_axis:
                 raise PartitionError(f"{_op_name(node)} broadcasts across the channel dim")
             first = _Value(self.union(first.space, other.space), first.axis, first.ndim)
-        for attr in node.all_input_nodes:
-            if attr.op == "get_attr":
-                self.channel_param(attr, first)
+        for operand in node.all_input_nodes:
+            if self.is_constant(operand):
+                self.channel_param(operand, first)
         return first
 
-    def channel_param(self, attr: Node, x: _Value) -> None:
-        """A parameter operand must be a scalar or a per-channel vector aligned with x."""
+    def channel_param(self, operand: Node, x: _Value) -> None:
+        """A parameter operand must be a scalar or a per-channel vector aligned with x.
+
+        The operand is a parameter read by ``get_attr``, possibly reshaped with
+        ``-1`` as its only non-singleton size (timm's ``gamma.reshape(1, -1,
+        1, 1)``), so that slicing the parameter keeps the reshape valid.
+        """
+        attr = _reshaped_attr(operand)
+        if attr is None:
+            raise PartitionError(f"{_op_name(operand)} of a parameter in branch")
         tensor = _fetch_attr(self.gm, str(attr.target))
-        big = [i for i, n in enumerate(tensor.shape) if n != 1]
+        meta = operand.meta.get("tensor_meta")
+        shape = tuple(tensor.shape) if operand is attr else getattr(meta, "shape", None)
+        if shape is None:
+            raise PartitionError(f"shape of {operand.name} is unknown")
+        big = [i for i, n in enumerate(shape) if n != 1]
         if not big:
             return
         (dim,) = big if len(big) == 1 else (None,)
         neg = x.axis if x.axis < 0 else (None if x.ndim is None else x.axis - x.ndim)
-        if dim is None or (neg is not None and dim - tensor.dim() != neg):
+        if dim is None or (neg is not None and dim - len(shape) != neg):
             raise PartitionError(f"parameter {attr.target} is not per-channel")
-        self.note_width(x.space, tensor.shape[dim])
-        self.attrs.setdefault(str(attr.target), []).append((x.space, dim))
+        self.note_width(x.space, shape[dim])
+        (attr_dim,) = [i for i, n in enumerate(tensor.shape) if n != 1]
+        self.attrs.setdefault(str(attr.target), []).append((x.space, attr_dim))
 
     def finish(self) -> None:
         inp, out = self.find(self.inp), self.find(self.out)
@@ -552,6 +617,17 @@ class _Partition:
         if isinstance(new, nn.Linear):
             return slice_linear(new, in_sl, out_sl)
         return new if in_sl is None else _slice_preserving(new, in_sl)
+
+    def arguments(self, node: Node, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        """``node``'s arguments with a halved ``F.layer_norm`` normalized shape."""
+        for normalized, space in self.normalized:
+            sl = self.role(space)
+            if normalized is node and sl is not None:
+                width = len(range(self.widths[self.find(space)])[sl])
+                if len(args) > 1:
+                    return (args[0], (width,), *args[2:]), kwargs
+                return args, {**kwargs, "normalized_shape": (width,)}
+        return args, kwargs
 
     def attr(self, target: str, tensor: torch.Tensor) -> torch.Tensor:
         """A (sliced) private copy of a parameter read by ``get_attr``."""
@@ -706,7 +782,11 @@ def _branch_nodes(gm: GraphModule, block: ResidualBlock) -> list[Node]:
     These are the nodes of ``block.region`` that reach ``branch_out``, plus
     in-place ops whose result is unused (``h.relu_()`` as a statement) applied
     to one of them: they act through their first argument, which later nodes
-    read, and are not part of the region (they reach no node).
+    read, and are not part of the region (they reach no node). Values computed
+    from parameters alone that the branch reads (a reshaped layer scale, a
+    relative position bias) belong to the branch too: they are not in the
+    region (nothing of the fork flows into them). Those computed before the
+    fork come first.
     """
     region = set(block.region)
     keep = {block.branch_out} if block.branch_out in region else set()
@@ -716,6 +796,8 @@ def _branch_nodes(gm: GraphModule, block: ResidualBlock) -> list[Node]:
             if arg in region and arg not in keep:
                 keep.add(arg)
                 stack.append(arg)
+    constants = _constant_inputs(keep, outside=region | {block.fork})
+    keep.update(constants)
     branch = []
     node = block.fork.next
     while node is not block.join and node.op != "root":
@@ -730,7 +812,61 @@ def _branch_nodes(gm: GraphModule, block: ResidualBlock) -> list[Node]:
             keep.add(node)
             branch.append(node)
         node = node.next
-    return branch
+    walked = set(branch)
+    return [node for node in constants if node not in walked] + branch
+
+
+def _constant_inputs(nodes: set[Node], outside: set[Node]) -> list[Node]:
+    """The nodes read by ``nodes`` from outside ``outside`` that are computed
+    from parameters alone (``get_attr`` nodes excluded), inputs before users."""
+    found: list[Node] = []
+    seen: set[Node] = set()
+
+    def visit(node: Node) -> bool:
+        """Whether ``node`` is a constant; constants are appended in post-order."""
+        if node.op == "get_attr":
+            return True
+        if node in seen:
+            return node in found_set
+        seen.add(node)
+        if node.op == "placeholder" or not all(map(visit, node.all_input_nodes)):
+            return False
+        found.append(node)
+        found_set.add(node)
+        return True
+
+    found_set: set[Node] = set()
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in outside and arg not in nodes:
+                visit(arg)
+    return found
+
+
+def _constants_of(branch: list[Node]) -> set[Node]:
+    """The nodes of ``branch`` (in graph order) computed from parameters alone."""
+    constants: set[Node] = set()
+    for node in branch:
+        if all(arg.op == "get_attr" or arg in constants for arg in node.all_input_nodes):
+            constants.add(node)
+    return constants
+
+
+def _reshaped_attr(node: Node) -> Node | None:
+    """The ``get_attr`` that ``node`` is, or reshapes with sizes 1 and -1 only."""
+    while node.op != "get_attr":
+        if node.op == "call_method" and node.target in ("reshape", "view"):
+            sizes = node.args[1:]
+            if len(sizes) == 1 and isinstance(sizes[0], list | tuple):
+                sizes = sizes[0]
+        elif node.op == "call_function" and node.target is torch.reshape:
+            sizes = node.args[1]
+        else:
+            return None
+        if not isinstance(node.args[0], Node) or not all(n in (1, -1) for n in sizes):
+            return None
+        node = node.args[0]
+    return node
 
 
 def _pre_op_input(pre_op: Node) -> Node:
@@ -808,21 +944,55 @@ def out_of_place(node: Node, gm: GraphModule) -> tuple[Any, tuple[Any, ...], dic
 
 
 def unsupported_reason(
-    gm: GraphModule, block: ResidualBlock, *, channels_dim: int = 1
+    gm: GraphModule, block: ResidualBlock, *, channels_dim: int | None = None
 ) -> str | None:
     """Why the branch of ``block`` cannot become a C/2 -> C/2 function, or None.
 
+    ``channels_dim=None`` accepts any channel axis ``halving_dim`` may find.
     Pre: ``block`` was computed on ``gm``'s graph. The reason is short and is
     reported verbatim after ``"kept: "``. Cheap (no tensors touched beyond
     reading parameter shapes): about 0.2 ms for a bottleneck block.
     """
     try:
-        branch = _branch_nodes(gm, block)
-        _check_closed(block, branch, None)
-        _Partition.analyze(gm, block, branch, None, channels_dim)
+        halving_dim(gm, block, axes=None if channels_dim is None else (channels_dim,))
     except PartitionError as error:
         return error.reason
     return None
+
+
+def halving_dim(
+    gm: GraphModule, block: ResidualBlock, *, axes: tuple[int, ...] | None = None
+) -> int:
+    """The channel axis of the trunk along which ``block``'s branch can be halved.
+
+    ``axes`` are tried in order; by default they follow the fork's rank (from
+    ``tensor_meta``): tokens ``(B, T, C)`` try -1 then 1, 4-d and 5-d tensors 1
+    (NCHW) then -1 (channels-last, as in Swin), others and unknown shapes 1.
+    Raises PartitionError when no axis works, with the reason of the reading
+    that got furthest through the branch (the first one on a tie).
+    """
+    branch = _branch_nodes(gm, block)
+    _check_closed(block, branch, None)
+    failures: list[PartitionError] = []
+    for axis in axes or channel_axes(block.fork):
+        try:
+            _Partition.analyze(gm, block, branch, None, axis)
+        except PartitionError as error:
+            failures.append(error)
+            continue
+        return axis
+    raise max(failures, key=lambda error: error.progress)
+
+
+def channel_axes(fork: Node) -> tuple[int, ...]:
+    """The channel axes of the trunk at ``fork`` to try, most likely first."""
+    shape = getattr(fork.meta.get("tensor_meta"), "shape", None)
+    rank = None if shape is None else len(shape)
+    if rank == 3:
+        return (-1, 1)
+    if rank is not None and rank >= 4:
+        return (1, -1)
+    return (1,)
 
 
 def build_branch(
@@ -886,6 +1056,8 @@ def build_branch(
                 env[arg] = graph.get_attr(str(arg.target))
                 attrs[str(arg.target)] = copy_attr(str(arg.target))
         target, args, kwargs, inplace = out_of_place(node, gm)
+        if plan is not None:
+            args, kwargs = plan.arguments(node, args, kwargs)
         new_args, new_kwargs = map_arg((args, kwargs), env.__getitem__)
         name = node.name if target == node.target else None  # renamed: relu_ -> relu
         new = graph.create_node(node.op, target, new_args, new_kwargs, name, node.type)

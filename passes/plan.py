@@ -1,15 +1,19 @@
 """Pass 4: decide the fate of every residual block (DESIGN.md §4).
 
 A block can become a coupling branch only when it has an identity shortcut, is
-single-exit, contains no other block, adds a branch output of exactly the
-shortcut's shape (when shapes are known), has an even channel count and a
-branch that can be split into channel halves (``branch_check``). Such
-candidate blocks form chains: block k+1 follows block k when k's output (its
-add, or its post-op) is exactly k+1's fork and nothing else reads it. A chain of
-n blocks gives n // 2 couplings ``(F, G) = (blocks 2i, 2i+1)``; the post-op of
-the block before a branch moves to the start of that branch (its pre-op). An
-odd last block is kept (``leftover="store"``) or becomes a half-coupling
-(``leftover="half"``). Each chain with at least one coupling is a Stage.
+single-exit, contains no other block and adds a branch output of exactly the
+shortcut's shape (when shapes are known). With ``split="halve"`` its branch
+must also split into channel halves (``branch_check``: even channel count,
+ops whose channel behaviour is known); ``split="duplicate"`` needs nothing
+more (F and G keep full width on two copies of the stage input);
+``split="auto"`` halves a stage when every block of it can be halved and
+duplicates it otherwise. Candidate blocks form chains: block k+1 follows
+block k when k's output (its add, or its post-op) is exactly k+1's fork and
+nothing else reads it. A chain of n blocks gives n // 2 couplings ``(F, G) =
+(blocks 2i, 2i+1)``; the post-op of the block before a branch moves to the
+start of that branch (its pre-op). An odd last block is kept
+(``leftover="store"``) or becomes a half-coupling (``leftover="half"``). Each
+chain with at least one coupling is a Stage.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from typing import Literal
 
 from torch.fx import GraphModule, Node
 
-from passes.find_residuals import common_module_prefix
-from passes.ir import BlockPlan, Coupling, Plan, RejectedAdd, ResidualBlock, Stage
+from passes.find_residuals import common_module_prefix, reads_metadata_only
+from passes.ir import BlockPlan, Coupling, Plan, RejectedAdd, ResidualBlock, Stage, StageSplit
 from passes.trace import module_path
 from revcompile.conversion_report import BlockReport, ConversionReport, RejectedReport, StageReport
 
@@ -29,12 +33,15 @@ BranchCheck = Callable[[GraphModule, ResidualBlock], "str | None"]
 channel halves (report wording, e.g. ``"unsupported op torch.flatten in
 branch"``), or None when it can."""
 Leftover = Literal["store", "half"]
+Split = Literal["halve", "duplicate", "auto"]
 
 PROJECTION = "projection shortcut"
 TAPPED = "branch output used outside the block"
 NESTED = "contains nested residual blocks"
-ODD_CHANNELS = "odd channel count"
-ODD_LEFTOVER = "odd leftover"
+ODD_LEFTOVER = "odd leftover (leftover='half' makes it a half-coupling)"
+DUPLICATE_HINT = "; split='auto' or 'duplicate' converts it at full width"
+"""Appended in the report to the reason of a block kept only because its branch
+cannot be halved."""
 
 
 def plan(
@@ -44,6 +51,7 @@ def plan(
     *,
     branch_check: BranchCheck,
     leftover: Leftover = "store",
+    split: Split = "halve",
 ) -> Plan:
     """Classify, chain and pair the residual blocks of ``gm``.
 
@@ -54,16 +62,31 @@ def plan(
 
     Postconditions: ``Plan.blocks`` has exactly one BlockPlan per block, in the
     order of ``blocks``: fate ``F`` / ``G`` / ``half`` with its stage name, or
-    ``kept`` with a reason. Stages are in graph order with unique names that
-    are valid attribute names not used by ``gm`` (``layer3_rev``); couplings
-    follow their chain's order. ``gm`` is not modified.
+    ``kept`` with a reason (``halving_unsupported`` when only the halving
+    check failed). Stages are in graph order with unique names that are valid
+    attribute names not used by ``gm`` (``layer3_rev``), each with its split;
+    couplings follow their chain's order. ``branch_check`` is not called
+    with ``split="duplicate"``. ``gm`` is not modified.
     """
     if leftover not in ("store", "half"):
         raise ValueError(f"leftover must be 'store' or 'half', not {leftover!r}")
+    if split not in ("halve", "duplicate", "auto"):
+        raise ValueError(f"split must be 'halve', 'duplicate' or 'auto', not {split!r}")
     shapes_known = _shapes_known(gm)
-    fates = {block: _kept_reason(gm, block, blocks, shapes_known, branch_check) for block in blocks}
-    candidates = [block for block in blocks if fates[block] is None]
+    fates = {block: _kept_reason(block, blocks, shapes_known) for block in blocks}
+    halving = {
+        block: branch_check(gm, block)
+        for block in blocks
+        if fates[block] is None and split != "duplicate"
+    }
     block_plans = {block: BlockPlan(block, "kept", reason=fates[block]) for block in blocks}
+    if split == "halve":
+        for block, reason in halving.items():
+            if reason is not None:
+                block_plans[block] = BlockPlan(
+                    block, "kept", reason=reason, halving_unsupported=True
+                )
+    candidates = [block for block in blocks if block_plans[block].reason is None]
     stages: list[Stage] = []
     used_names = set(dict(gm.named_modules())) | set(dir(gm))
     for chain in _chains(candidates):
@@ -72,7 +95,9 @@ def plan(
             block_plans[chain[0]].reason = ODD_LEFTOVER
             continue
         name = _unique_stage_name(chain, used_names)
-        stages.append(Stage(name=name, couplings=couplings))
+        stages.append(
+            Stage(name=name, couplings=couplings, split=_stage_split(split, couplings, halving))
+        )
         for coupling in couplings:
             if coupling.g is None:
                 block_plans[coupling.f] = BlockPlan(coupling.f, "half", stage=name)
@@ -87,6 +112,16 @@ def plan(
         rejected=list(rejected),
         shapes_known=shapes_known,
     )
+
+
+def _stage_split(
+    split: Split, couplings: list[Coupling], halving: dict[ResidualBlock, str | None]
+) -> StageSplit:
+    """``"auto"`` halves a stage only when every one of its branches can be halved."""
+    if split != "auto":
+        return split
+    stage_blocks = [b for coupling in couplings for b in (coupling.f, coupling.g) if b is not None]
+    return "halve" if all(halving[block] is None for block in stage_blocks) else "duplicate"
 
 
 def report_from_plan(
@@ -106,7 +141,7 @@ def report_from_plan(
                 shortcut=bp.block.shortcut,
                 fate=bp.fate,
                 stage=bp.stage,
-                reason=bp.reason,
+                reason=f"{bp.reason}{DUPLICATE_HINT}" if bp.halving_unsupported else bp.reason,
             )
             for bp in plan.blocks
         ],
@@ -134,12 +169,6 @@ def report_from_plan(
     )
 
 
-def channel_dim(rank: int) -> int:
-    """The channel axis of a trunk tensor of this rank: 1 (NCHW, NCL, (B, C)),
-    except rank 3 read as tokens ``(B, T, C)``: the last axis."""
-    return -1 if rank == 3 else 1
-
-
 def _shapes_known(gm: GraphModule) -> bool:
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     return bool(placeholders) and all("tensor_meta" in node.meta for node in placeholders)
@@ -152,13 +181,10 @@ def _shape(node: Node) -> tuple[int, ...] | None:
 
 
 def _kept_reason(
-    gm: GraphModule,
-    block: ResidualBlock,
-    blocks: list[ResidualBlock],
-    shapes_known: bool,
-    branch_check: BranchCheck,
+    block: ResidualBlock, blocks: list[ResidualBlock], shapes_known: bool
 ) -> str | None:
-    """Why ``block`` must stay an ordinary residual block; None for a candidate."""
+    """Why ``block`` must stay an ordinary residual block whatever the split;
+    None for a candidate."""
     if block.shortcut == "projection":
         return PROJECTION
     if block.tapped:
@@ -182,16 +208,13 @@ def _kept_reason(
                 f"branch output shape {branch_shape} != shortcut shape {shortcut_shape} "
                 "(broadcasting add)"
             )
-        if branch_shape:
-            channels = branch_shape[channel_dim(len(branch_shape))]
-            if channels % 2:
-                return f"{ODD_CHANNELS} ({channels})"
-    return branch_check(gm, block)
+    return None
 
 
 def _chains(candidates: list[ResidualBlock]) -> list[list[ResidualBlock]]:
     """Maximal runs of candidates where each block's output is exactly the
-    next block's fork and is read by nothing else; graph order."""
+    next block's fork and is read by nothing else (shape checks aside: they
+    can read the stage input, which has the same shape); graph order."""
     by_fork: dict[Node, list[ResidualBlock]] = {}
     for block in candidates:
         by_fork.setdefault(block.fork, []).append(block)
@@ -202,7 +225,7 @@ def _chains(candidates: list[ResidualBlock]) -> list[list[ResidualBlock]]:
             continue
         (next_block,) = following
         inside_next = set(next_block.region) | {next_block.join}
-        if all(user in inside_next for user in block.output.users):
+        if all(user in inside_next or reads_metadata_only(user) for user in block.output.users):
             successor[block] = next_block
     has_predecessor = set(successor.values())
     chains = []

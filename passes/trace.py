@@ -18,6 +18,8 @@ through):
 
 from __future__ import annotations
 
+import inspect
+import operator
 from collections.abc import Callable
 
 import torch
@@ -62,11 +64,17 @@ class ResidualTracer(Tracer):
         )
 
 
-def trace(model: nn.Module) -> GraphModule:
+def trace(model: nn.Module, n_inputs: int | None = None) -> GraphModule:
     """Trace ``model`` into a GraphModule at module level.
 
     Preconditions: ``model`` is an ``nn.Module`` whose ``forward`` fx can trace
     symbolically (no data-dependent control flow outside leaf modules).
+
+    ``forward`` parameters with a constant default (``attn_mask=None``,
+    ``is_causal=False``, as in timm's ViT) beyond the first ``n_inputs`` (by
+    default: the parameters without a default) are fixed to that default, so
+    that branches on them are resolved while tracing; the returned
+    GraphModule has no placeholder for them.
 
     Postconditions: the returned GraphModule computes the same function as
     ``model`` and shares its submodules, parameters and buffers (nothing is
@@ -78,8 +86,9 @@ def trace(model: nn.Module) -> GraphModule:
     """
     tracer = ResidualTracer()
     model_class = type(model).__name__
+    fixed = _constant_defaults(model, n_inputs)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=fixed or None)
     except Exception as error:
         raise ConversionError(
             f"torch.fx cannot trace {model_class}: {type(error).__name__}: {error}. "
@@ -88,7 +97,63 @@ def trace(model: nn.Module) -> GraphModule:
             "nn.Module), or trace with concrete_args fixing the value the control "
             "flow depends on."
         ) from error
+    _drop_specialized_placeholders(graph, set(fixed))
     return GraphModule(tracer.root, graph, model_class)
+
+
+_CONSTANT_TYPES = (type(None), bool, int, float, str)
+
+
+def _constant_defaults(model: nn.Module, n_inputs: int | None) -> dict[str, object]:
+    """The ``forward`` parameters to fix: constant defaults past the inputs given."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return {}
+    if n_inputs is None:
+        n_inputs = sum(p.default is p.empty for p in parameters)
+    return {
+        p.name: p.default
+        for p in parameters[n_inputs:]
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.default is not p.empty
+        and isinstance(p.default, _CONSTANT_TYPES)
+    }
+
+
+def _drop_specialized_placeholders(graph: torch.fx.Graph, names: set[str]) -> None:
+    """Erase the placeholders fx made for fixed parameters, with the checks that
+    guard their value; keep any whose value the computation reads."""
+    for placeholder in [n for n in graph.nodes if n.op == "placeholder"]:
+        if placeholder.target.removesuffix("_1") not in names:
+            continue
+        guards: list[torch.fx.Node] = []
+        pending = list(placeholder.users)
+        while pending:
+            node = pending.pop()
+            if node not in guards:
+                guards.append(node)
+                pending.extend(node.users)
+        if not any(_is_assert(node) for node in guards) or not all(
+            _is_assert(node) or node.target is operator.eq for node in guards
+        ):
+            continue
+        for node in sorted(guards, key=lambda n: -_position(graph, n)):
+            graph.erase_node(node)
+        graph.erase_node(placeholder)
+
+
+def _is_assert(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in (
+        "_assert",
+        "_assert_is_none",
+    )
+
+
+def _position(graph: torch.fx.Graph, node: torch.fx.Node) -> int:
+    return next(i for i, n in enumerate(graph.nodes) if n is node)
 
 
 def module_path(node: torch.fx.Node) -> str:

@@ -15,7 +15,7 @@ from passes.cleanup import cleanup
 from passes.emit import Policy, emit
 from passes.find_residuals import find_residuals
 from passes.ir import Plan
-from passes.plan import Leftover, plan, report_from_plan
+from passes.plan import Leftover, Split, plan, report_from_plan
 from passes.shape_prop import propagate_guessed_shapes, propagate_shapes
 from passes.trace import trace
 from revcompile.conversion_report import ConversionReport
@@ -54,25 +54,32 @@ def analyze(model: nn.Module, example_inputs: ExampleInputs = None) -> Conversio
 
 
 def run_analysis(
-    model: nn.Module, example_inputs: ExampleInputs = None, *, leftover: Leftover = "store"
+    model: nn.Module,
+    example_inputs: ExampleInputs = None,
+    *,
+    leftover: Leftover = "store",
+    split: Split = "halve",
 ) -> Analysis:
     """trace -> shape propagation -> find_residuals -> plan, and the report.
 
     ``leftover`` decides the odd last block of a chain: ``"store"`` keeps it an
-    ordinary block, ``"half"`` makes it a half-coupling. ``gm`` shares its
-    parameters and buffers with ``model``; ``model`` is not modified.
+    ordinary block, ``"half"`` makes it a half-coupling. ``split`` chooses how
+    stages split their input (see ``convert``). ``gm`` shares its parameters
+    and buffers with ``model``; ``model`` is not modified.
     """
     from passes.partition import unsupported_reason
 
-    gm = trace(model)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    gm = trace(model, n_inputs=None if example_inputs is None else len(example_inputs))
     if example_inputs is None:
         propagate_guessed_shapes(gm)
     else:
-        if isinstance(example_inputs, torch.Tensor):
-            example_inputs = (example_inputs,)
         propagate_shapes(gm, tuple(example_inputs))
     blocks, rejected = find_residuals(gm)
-    the_plan = plan(gm, blocks, rejected, branch_check=unsupported_reason, leftover=leftover)
+    the_plan = plan(
+        gm, blocks, rejected, branch_check=unsupported_reason, leftover=leftover, split=split
+    )
     report = report_from_plan(
         the_plan,
         params_before=sum(p.numel() for p in model.parameters()),
@@ -87,13 +94,23 @@ def convert(
     *,
     policy: Policy = "checkpoint",
     leftover: Leftover = "store",
+    split: Split = "halve",
 ) -> GraphModule:
     """Return a reversible ``GraphModule`` version of ``model``.
 
     Consecutive stride-1 identity residual blocks become RevNet additive
-    couplings (F and G at half width, weights sliced from the original
-    branches), one ``ReversibleSequence`` per chain. Every other block is kept
+    couplings, one ``ReversibleSequence`` per chain. Every other block is kept
     with a reason; ``report(gm)`` tells which and why.
+
+    ``split``: ``"halve"`` (default) splits the channels of a stage input in
+    two halves and builds F and G at half width (weights sliced from the
+    original branches); blocks whose branch cannot be halved are kept.
+    ``"duplicate"`` runs F and G at full width with their original weights on
+    two copies of the stage input and outputs ``(y1 + y2) / 2`` (as in
+    reversible vision transformers): any identity block whose branch keeps
+    its input's shape qualifies (attention, token MLPs, channels-last blocks).
+    ``"auto"`` halves the stages whose blocks all can be halved and duplicates
+    the others; ``report(gm).stages`` says which split each stage uses.
 
     ``policy``: ``"checkpoint"`` (default) recomputes the non-reversible
     segments between stages (stem, downsampling blocks, leftovers, head) in
@@ -107,7 +124,7 @@ def convert(
     The converted network computes a different function from ``model`` (a
     RevNet of the same layout), meant to be trained.
     """
-    gm, the_plan, the_report = run_analysis(model, example_inputs, leftover=leftover)
+    gm, the_plan, the_report = run_analysis(model, example_inputs, leftover=leftover, split=split)
     if the_plan.stages and not the_plan.shapes_known:
         raise ConversionError(
             f"could not infer the input shape of {type(model).__name__}; pass example_inputs "

@@ -192,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="odd last block of a chain: ordinary block (store, default) or half-coupling",
     )
     convert.add_argument(
+        "--split",
+        choices=("halve", "duplicate", "auto"),
+        default="halve",
+        help="stage streams: channel halves (halve, default), two full-width copies "
+        "(duplicate, for attention and other blocks that cannot be halved) or halve "
+        "where possible and duplicate elsewhere (auto)",
+    )
+    convert.add_argument(
         "--report", metavar="FILE", help="also write the report as JSON (ConversionReport.to_dict)"
     )
 
@@ -304,7 +312,7 @@ def run_convert(args: argparse.Namespace) -> int:
     _check_outputs(args, outputs)
     model = _load_model(args)
     x = _example_input(model, args.input_shape)
-    gm = convert(model, x, policy=args.policy, leftover=args.leftover)
+    gm = convert(model, x, policy=args.policy, leftover=args.leftover, split=args.split)
     the_report = report(gm)
     print(the_report)
     print()

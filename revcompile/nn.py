@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -108,31 +109,53 @@ def _shape_checked(where: str, which: str, inp: Tensor, out: Tensor) -> Tensor:
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class ReversibleSequence(nn.Module):
-    """A stage of additive couplings on the two halves of its input along ``dim``.
+Split = Literal["halve", "duplicate"]
 
-    ``forward(x)`` splits ``x`` into halves ``(x1, x2)``, runs the couplings in
-    order and returns ``cat(y1, y2)``. With grad enabled (training) it stores
-    only its output; backward reconstructs the inputs of every coupling. Under
-    ``reference_mode()`` or with grad disabled it is a plain forward. Under
-    autocast a float16/bfloat16 input is carried in float32 (F and G still run
-    in the autocast dtype), so reconstruction is exact up to float32 rounding.
+
+class ReversibleSequence(nn.Module):
+    """A stage of additive couplings on two streams made from its input.
+
+    ``split="halve"`` (RevNet): the streams ``(x1, x2)`` are the two halves of
+    ``x`` along ``dim`` and the output is ``cat(y1, y2)``. ``split="duplicate"``
+    (two-stream, as in reversible vision transformers): ``(x1, x2) = (x, x)``,
+    F and G act at full width and the output is ``(y1 + y2) / 2``; ``dim`` only
+    names the channel axis in messages.
+
+    With grad enabled (training) it stores only the final streams (the output
+    for ``halve``, ``y1`` and ``y2`` for ``duplicate``); backward reconstructs
+    the inputs of every coupling. Under ``reference_mode()`` or with grad
+    disabled it is a plain forward. Under autocast a float16/bfloat16 input is
+    carried in float32 (F and G still run in the autocast dtype), so
+    reconstruction is exact up to float32 rounding.
     """
 
-    def __init__(self, couplings: Sequence[AdditiveCoupling], dim: int = 1, name: str = "") -> None:
+    def __init__(
+        self,
+        couplings: Sequence[AdditiveCoupling],
+        dim: int = 1,
+        name: str = "",
+        split: Split = "halve",
+    ) -> None:
         super().__init__()
         if not couplings:
             raise ValueError("ReversibleSequence needs at least one coupling")
+        if split not in ("halve", "duplicate"):
+            raise ValueError(f"split must be 'halve' or 'duplicate', not {split!r}")
         self.couplings = nn.ModuleList(couplings)
         self.dim = dim
         self.name = name
+        self.split = split
         for i, coupling in enumerate(couplings):
             coupling.where = f"reversible stage {name or type(self).__name__}, coupling {i}"
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, name={self.name!r}" if self.name else f"dim={self.dim}"
+        name = f", name={self.name!r}" if self.name else ""
+        return f"dim={self.dim}{name}, split={self.split!r}"
 
-    def _halves(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _streams(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The two coupling streams ``(x1, x2)`` of the stage input."""
+        if self.split == "duplicate":
+            return x, x
         size = x.shape[self.dim]
         if size % 2:
             raise ValueError(
@@ -143,11 +166,17 @@ class ReversibleSequence(nn.Module):
         x1, x2 = x.chunk(2, dim=self.dim)
         return x1, x2
 
+    def _merge(self, y1: Tensor, y2: Tensor) -> Tensor:
+        """The stage output made from the two final streams."""
+        if self.split == "duplicate":
+            return (y1 + y2) / 2
+        return torch.cat([y1, y2], dim=self.dim)
+
     def _plain_forward(self, x: Tensor) -> Tensor:
-        x1, x2 = self._halves(x)
+        x1, x2 = self._streams(x)
         for coupling in self.couplings:
             x1, x2 = coupling(x1, x2)
-        return torch.cat([x1, x2], dim=self.dim)
+        return self._merge(x1, x2)
 
     # torch.compile runs the stage eagerly (a graph break): dynamo cannot trace the
     # RNG bookkeeping, and the custom backward is what saves the memory.
@@ -221,8 +250,10 @@ class _ReversibleFunction(torch.autograd.Function):
 
     Inputs: the stage input, the stage module, the number of trainable
     parameters, then those parameters (so autograd, DDP hooks and
-    ``torch.autograd.grad`` see them). Saved for backward: the stage output and
-    the RNG states of the calls that consumed randomness — nothing else.
+    ``torch.autograd.grad`` see them). Saved for backward: what reconstruction
+    needs (the stage output for ``halve``; both final streams for
+    ``duplicate``, whose output ``(y1 + y2) / 2`` loses them) and the RNG
+    states of the calls that consumed randomness — nothing else.
     """
 
     @staticmethod
@@ -230,7 +261,7 @@ class _ReversibleFunction(torch.autograd.Function):
         rng = _RngTracker(x.device)
         records: list[tuple[_CallRecord, _CallRecord | None]] = []
         with torch.no_grad():
-            x1, x2 = stage._halves(x)
+            x1, x2 = stage._streams(x)
             for coupling in stage.couplings:
                 f_out, f_record = rng.call(coupling.F, x2)
                 x1 = x1 + _shape_checked(coupling.where, "F", x2, f_out)
@@ -239,13 +270,15 @@ class _ReversibleFunction(torch.autograd.Function):
                     g_out, g_record = rng.call(coupling.G, x1)
                     x2 = x2 + _shape_checked(coupling.where, "G", x1, g_out)
                 records.append((f_record, g_record))
-            y = torch.cat([x1, x2], dim=stage.dim)
+            y = stage._merge(x1, x2)
         ctx.stage = stage
         ctx.params = params
         ctx.rng = rng
         ctx.records = records
         ctx.autocast = _autocast_state(x.device.type)
-        ctx.save_for_backward(y, *rng.states)
+        streams = (y,) if stage.split == "halve" else (x1, x2)
+        ctx.n_streams = len(streams)
+        ctx.save_for_backward(*streams, *rng.states)
         rng.states.clear()  # the saved tensors own them now
         return y
 
@@ -258,11 +291,12 @@ class _ReversibleFunction(torch.autograd.Function):
                 "for double backward"
             )
         stage: ReversibleSequence = ctx.stage
-        y, *rng_states = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        streams, rng_states = saved[: ctx.n_streams], saved[ctx.n_streams :]
         index_of = {id(p): i for i, p in enumerate(ctx.params)}
         param_grads: list[Tensor | None] = [None] * len(ctx.params)
         autocast_enabled, autocast_dtype = ctx.autocast
-        device_type = y.device.type
+        device_type = dy.device.type
 
         def backprop(fn: nn.Module, record: _CallRecord, inp: Tensor, grad_out: Tensor):
             """Recompute ``fn(inp)``; return its value and the input gradient."""
@@ -286,8 +320,13 @@ class _ReversibleFunction(torch.autograd.Function):
             return out.detach(), grad_in
 
         with torch.no_grad():
-            y1, y2 = (t.detach() for t in y.chunk(2, dim=stage.dim))
-            dy1, dy2 = dy.chunk(2, dim=stage.dim)
+            if stage.split == "halve":
+                (y,) = streams
+                y1, y2 = (t.detach() for t in y.chunk(2, dim=stage.dim))
+                dy1, dy2 = dy.chunk(2, dim=stage.dim)
+            else:  # output (y1 + y2) / 2
+                y1, y2 = (t.detach() for t in streams)
+                dy1 = dy2 = dy / 2
             for coupling, (f_record, g_record) in zip(
                 reversed(stage.couplings), reversed(ctx.records)
             ):
@@ -298,7 +337,8 @@ class _ReversibleFunction(torch.autograd.Function):
                 f_out, df = backprop(coupling.F, f_record, y2, dy1)
                 y1 = y1 - f_out
                 dy2 = dy2 + df
-            dx = torch.cat([dy1, dy2], dim=stage.dim)
+            # x1 and x2 are the two halves of x, or both x itself.
+            dx = torch.cat([dy1, dy2], dim=stage.dim) if stage.split == "halve" else dy1 + dy2
         return (dx, None, None, *param_grads)
 
 
