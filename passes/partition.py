@@ -606,17 +606,27 @@ class _Partition:
 
     def module(self, target: str, mod: nn.Module) -> nn.Module:
         """A sliced private copy of the module called as ``target``."""
-        new = copy.deepcopy(mod)
         if target not in self.modules:
-            return new
+            return copy.deepcopy(mod)
         in_space, out_space = self.modules[target][0]
         in_sl = self.role(in_space)
         out_sl = self.role(out_space)
+        # Copy the module around its own tensors, slice, then copy whatever the
+        # slicing did not replace: each weight is copied once, at its final size.
+        originals = {id(t): t for t in (*mod.parameters(), *mod.buffers())}
+        new = copy.deepcopy(mod, dict(originals))
         if isinstance(new, _CONVS):
-            return slice_conv(new, in_sl, out_sl)
-        if isinstance(new, nn.Linear):
-            return slice_linear(new, in_sl, out_sl)
-        return new if in_sl is None else _slice_preserving(new, in_sl)
+            new = slice_conv(new, in_sl, out_sl)
+        elif isinstance(new, nn.Linear):
+            new = slice_linear(new, in_sl, out_sl)
+        elif in_sl is not None:
+            new = _slice_preserving(new, in_sl)
+        for owner in new.modules():
+            for tensors in (owner._parameters, owner._buffers):
+                for name, tensor in tensors.items():
+                    if tensor is not None and id(tensor) in originals:
+                        tensors[name] = _fresh(tensor, tensor)
+        return new
 
     def arguments(self, node: Node, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         """``node``'s arguments with a halved ``F.layer_norm`` normalized shape."""

@@ -20,7 +20,6 @@ from passes.shape_prop import propagate_guessed_shapes, propagate_shapes
 from passes.trace import trace
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError
-from revcompile.nn import ReversibleSequence
 
 REPORT_ATTRIBUTE = "revcompile_report"
 
@@ -132,15 +131,36 @@ def convert(
         )
     changes = emit(gm, the_plan, policy=policy)
     cleanup(gm)
-    # gm still shares the non-reversible layers with ``model``; the stages are new.
-    built = {id(m): m for m in gm.modules() if isinstance(m, ReversibleSequence)}
-    gm = copy.deepcopy(gm, built)
+    _own_shared_state(gm, model)
     gm.train(model.training)
     the_report.changes += changes
     the_report.params_after = sum(p.numel() for p in gm.parameters())
     the_report.policy = policy
     attach_report(gm, the_report)
     return gm
+
+
+def _own_shared_state(gm: GraphModule, model: nn.Module) -> None:
+    """Give ``gm`` private copies of the layers and tensors it shares with ``model``.
+
+    The stages are new, but the non-reversible layers (stem, downsampling
+    blocks, head) and parameters read by ``get_attr`` are still ``model``'s.
+    They are replaced where ``gm`` holds them (its containers are its own), with
+    one memo so that modules and tensors shared within the model stay shared.
+    """
+    originals = {id(m) for m in model.modules()}
+    originals.update(id(t) for t in (*model.parameters(), *model.buffers()))
+    memo: dict[int, object] = {}
+    for owner in list(gm.modules()):
+        if id(owner) in originals:
+            continue
+        for name, child in list(owner.named_children()):
+            if id(child) in originals:
+                setattr(owner, name, copy.deepcopy(child, memo))
+        for tensors in (owner._parameters, owner._buffers):
+            for name, tensor in tensors.items():
+                if tensor is not None and id(tensor) in originals:
+                    tensors[name] = copy.deepcopy(tensor, memo)
 
 
 def attach_report(gm: GraphModule, the_report: ConversionReport) -> None:
