@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--no-peak", action="store_true", help="saved bytes only")
     parser.add_argument("--peak-timeout", type=float, default=600.0, help="seconds per peak run")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="write the table and plot from the saved results JSON (e.g. of a stopped run)",
+    )
     parser.add_argument("--quick", action="store_true", help="n = 3, 9 at batch 16")
     args = parser.parse_args(argv)
     if args.quick:
@@ -87,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         "couplings of two half-width residual functions, shape-changing blocks stay).",
     ]
     stem = common.result_stem("memory_vs_depth", quick=args.quick, device=args.device)
+    if args.render:
+        return _render_saved(stem, args)
     rows = common.run_matrix(
         [f"cifar-n{n}" for n in args.depths],
         args.variants,
@@ -106,14 +114,34 @@ def main(argv: list[str] | None = None) -> int:
     common.finish_meta(meta, started)
 
     common.write_results(stem, rows, meta)
+    _write_table_and_plot(rows, args, stem, meta)
+    print(f"load average start {meta['load_average_start']} end {meta['load_average_end']}")
+    print(f"wrote {stem}.{{csv,json,md,png}}")
+    return 0
+
+
+def _write_table_and_plot(
+    rows: list[dict[str, Any]], args: argparse.Namespace, stem: Path, meta: dict
+) -> None:
     markdown = [
         _table(rows, args, "peak_step_bytes", "Peak step memory (MiB)", meta),
         _table(rows, args, "saved_bytes", "Saved activation bytes (MiB)", meta),
     ]
     stem.with_suffix(".md").write_text("\n\n".join(markdown) + "\n")
     _plot(rows, args, stem, meta)
-    print(f"load average start {meta['load_average_start']} end {meta['load_average_end']}")
-    print(f"wrote {stem}.{{csv,json,md,png}}")
+
+
+def _render_saved(stem: Path, args: argparse.Namespace) -> int:
+    """Table and plot of the depths whose every variant finished in the saved run."""
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    rows = saved["rows"]
+    for row in rows:
+        row["n"] = common.parse_spec(row["model"])[1]
+        row["depth"] = 6 * row["n"] + 2
+    done = {v: {r["n"] for r in rows if r["variant"] == v} for v in args.variants}
+    args.depths = [n for n in args.depths if all(n in ns for ns in done.values())]
+    _write_table_and_plot(rows, args, stem, saved["meta"])
+    print(f"rendered n = {args.depths} from {stem}.json; wrote {stem}.{{md,png}}")
     return 0
 
 
