@@ -9,6 +9,11 @@ and ``leftover="store"``):
 - saved-bytes ratio: bytes autograd saves for backward in one float32
   training forward (``revcompile.memory.saved_activation_bytes``), converted /
   original, at batch 2 and 224x224;
+- full-size float32 check: the smallest cosine similarity, over the
+  parameter gradients (except analytically-zero ones, see
+  ``float32_min_cosine``), between a training step of the converted network
+  at batch 2, 224x224 and the same step under ``reference_mode()`` (the issue
+  asks for >= 0.99999);
 - gradient check: float64 training step at batch 2, 32x32 (64x64 for
   regnet_y_400mf, whose 1x1 last stage makes train-mode BatchNorm over 2
   samples ill-conditioned), converted network vs itself under
@@ -22,6 +27,7 @@ one thread).
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -88,6 +94,31 @@ def randomize_zero_weights(model: nn.Module) -> nn.Module:
     return model
 
 
+def float32_min_cosine(gm: nn.Module, x: torch.Tensor) -> float:
+    """Smallest per-parameter cosine of reversible vs ``reference_mode()`` gradients.
+
+    Gradients that are zero in exact arithmetic (a BatchNorm bias whose output
+    the next BatchNorm normalises away) are float32 rounding noise on both
+    sides, and the cosine of two noises means nothing: parameters whose
+    reference gradient norm is below 1e-4 of the largest one are left out.
+    """
+    reference = copy.deepcopy(gm)
+    weights = torch.randn(gm(x).shape, generator=torch.Generator().manual_seed(1))
+    gm.zero_grad()
+    torch.manual_seed(0)
+    (gm(x) * weights).sum().backward()
+    torch.manual_seed(0)
+    with revcompile.reference_mode():
+        (reference(x) * weights).sum().backward()
+    pairs = [(p.grad, q.grad) for p, q in zip(gm.parameters(), reference.parameters())]
+    largest = max(q.norm().item() for _, q in pairs if q is not None)
+    return min(
+        nn.functional.cosine_similarity(p.flatten(), q.flatten(), dim=0).item()
+        for p, q in pairs
+        if q is not None and q.norm().item() >= 1e-4 * largest
+    )
+
+
 def measure(name: str) -> dict:
     source, make_full, make_small, check_size = MODELS[name]
     torch.manual_seed(0)
@@ -99,6 +130,7 @@ def measure(name: str) -> dict:
     report = revcompile.report(gm)
     saved_before = saved_activation_bytes(model, x)
     saved_after = saved_activation_bytes(gm.train(), x)
+    min_cosine = float32_min_cosine(randomize_zero_weights(gm), x)
 
     torch.manual_seed(0)
     small = randomize_zero_weights(make_small())
@@ -127,6 +159,7 @@ def measure(name: str) -> dict:
         "saved_ratio": saved_after / saved_before,
         "convert_s": round(convert_s, 2),
         "gradient_check": gradient_check,
+        "float32_min_cosine": min_cosine,
         "gradient_check_input": [BATCH, 3, check_size, check_size],
     }
 
@@ -134,9 +167,10 @@ def measure(name: str) -> dict:
 def markdown(rows: list[dict]) -> str:
     header = (
         "| model | residual blocks | reversible (halve / duplicate) | kept (reason) "
-        "| params before → after | saved bytes converted / original | gradient check |"
+        "| params before → after | saved bytes converted / original | gradient check "
+        f"| float32 min cosine ({MEMORY_SIZE}x{MEMORY_SIZE}) |"
     )
-    lines = [header, "|" + "---|" * 7]
+    lines = [header, "|" + "---|" * 8]
     for row in rows:
         rev = row["reversible"]
         kept = "; ".join(f"{n} × {reason}" for reason, n in row["kept"].items()) or "—"
@@ -146,7 +180,8 @@ def markdown(rows: list[dict]) -> str:
             f"| {rev.get('halve', 0)} / {rev.get('duplicate', 0)} | {kept} "
             f"| {row['params_before'] / 1e6:.2f}M → {row['params_after'] / 1e6:.2f}M "
             f"| {row['saved_ratio']:.3f} "
-            f"| {row['gradient_check']} (float64, {size}x{size}) |"
+            f"| {row['gradient_check']} (float64, {size}x{size}) "
+            f"| {row['float32_min_cosine']:.6f} |"
         )
     return "\n".join(lines)
 
@@ -167,7 +202,11 @@ def main() -> None:
         f'`revcompile.convert(model, x, split="auto")` (policy `checkpoint`, leftover '
         f"`store`), random init. Saved bytes: one float32 training forward at batch "
         f"{BATCH}, {MEMORY_SIZE}x{MEMORY_SIZE}. Gradient check: float64, batch {BATCH}, "
-        "converted network vs itself under `reference_mode()`, 1e-9 relative."
+        "converted network vs itself under `reference_mode()`, 1e-9 relative. Float32 "
+        "min cosine: smallest cosine similarity over the parameter gradients (those with "
+        "a norm of at least 1e-4 of the largest) of one "
+        f"training step at batch {BATCH}, {MEMORY_SIZE}x{MEMORY_SIZE}, against "
+        "`reference_mode()`."
     )
     table = markdown(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
