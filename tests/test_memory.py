@@ -325,3 +325,16 @@ def test_peak_step_memory_grows_with_batch():
 def test_peak_step_memory_reports_worker_errors():
     with pytest.raises(RuntimeError, match="has no attribute 'no_such_factory'"):
         peak_step_memory(f"{small_convnet.__module__}:no_such_factory", (2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("policy", ["checkpoint", "store"])
+def test_converted_resnet50_formula_exact_at_other_sizes(resnet50, policy):
+    import revcompile
+
+    example = torch.randn(2, 3, 64, 64)
+    converted = revcompile.convert(resnet50, example, policy=policy).train()
+    formula = activation_memory_formula(converted, (example,))
+    assert formula.free_symbols == {B, H, W}
+    for shape in [(1, 3, 96, 80), (3, 3, 112, 112), (2, 3, 65, 67)]:
+        measured = saved_activation_bytes(converted, torch.randn(*shape))
+        assert _at(formula, shape) == measured, shape
