@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from benchmarks import _common as common
+from benchmarks.cifar import residual_function
 
 TARGET_TIME_RATIO = 1.40
 
@@ -40,9 +41,7 @@ def coupling_stage(couplings: int, channels: int, reference: bool, seed: int = 0
     half = channels // 2
     stage = ReversibleSequence(
         [
-            AdditiveCoupling(
-                common.residual_function(half, half), common.residual_function(half, half)
-            )
+            AdditiveCoupling(residual_function(half, half), residual_function(half, half))
             for _ in range(couplings)
         ],
         name="bench",

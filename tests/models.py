@@ -12,23 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.cifar import ZeroPadShortcut, conv3x3
+
 CIFAR_INPUT = (2, 3, 32, 32)
-
-
-def _conv3x3(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-
-
-class ZeroPadShortcut(nn.Module):
-    """Option A: subsample by 2, zero-pad the new channels. No parameters."""
-
-    def __init__(self, extra_channels: int) -> None:
-        super().__init__()
-        self.extra_channels = extra_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        half = self.extra_channels // 2
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, half, self.extra_channels - half))
 
 
 def _projection(in_planes: int, planes: int, stride: int, option: str) -> nn.Module:
@@ -46,9 +32,9 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, option: str = "A") -> None:
         super().__init__()
-        self.conv1 = _conv3x3(in_planes, planes, stride)
+        self.conv1 = conv3x3(in_planes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes)
+        self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = (
             _projection(in_planes, planes, stride, option)
@@ -73,7 +59,7 @@ class Bottleneck(nn.Module):
         width = planes * self.expansion
         self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
+        self.conv2 = conv3x3(planes, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, width, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
@@ -101,9 +87,9 @@ class PreActBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1, option: str = "B") -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = _conv3x3(in_planes, planes, stride)
+        self.conv1 = conv3x3(in_planes, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes)
+        self.conv2 = conv3x3(planes, planes)
         self.projection = (
             _projection(in_planes, planes, stride, option)
             if stride != 1 or in_planes != planes
@@ -123,7 +109,7 @@ class CifarResNet(nn.Module):
 
     def __init__(self, block: type[nn.Module], blocks_per_stage: int, option: str) -> None:
         super().__init__()
-        self.conv1 = _conv3x3(3, 16)
+        self.conv1 = conv3x3(3, 16)
         self.bn1 = nn.BatchNorm2d(16)
         in_planes = 16
         stages = []
