@@ -30,6 +30,7 @@ from typing import Any
 
 import sympy
 import torch
+import torch._refs
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
@@ -210,6 +211,10 @@ class _RealWorldMode(TorchDispatchMode):
       by one draw, so code that checks "did this call consume randomness?" by
       comparing RNG states (revcompile's ReversibleSequence saves the RNG state
       only then) sees what it sees in a real forward.
+    * Ops whose C++ kernel reads concrete sizes (``constant_pad_nd``, i.e.
+      ``F.pad``, which would specialize every dimension of its input) run
+      through their Python reference, which keeps sizes symbolic. Dispatch modes
+      sit below autograd, so this changes no saved tensor.
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -222,6 +227,8 @@ class _RealWorldMode(TorchDispatchMode):
         if tensors and not symbolic and not any(isinstance(t, FakeTensor) for t in tensors):
             with _disable_current_modes():
                 return func(*args, **kwargs)
+        if func is torch.ops.aten.constant_pad_nd.default:
+            return torch._refs.constant_pad_nd(*args, **kwargs)
         out = func(*args, **kwargs)
         if torch.Tag.nondeterministic_seeded in func.tags:
             devices = {t.device for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import models
 import pytest
 import sympy
 import torch
@@ -338,3 +339,18 @@ def test_converted_resnet50_formula_exact_at_other_sizes(resnet50, policy):
     for shape in [(1, 3, 96, 80), (3, 3, 112, 112), (2, 3, 65, 67)]:
         measured = saved_activation_bytes(converted, torch.randn(*shape))
         assert _at(formula, shape) == measured, shape
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["original", "converted"])
+def test_formula_through_zero_pad_shortcuts(convert):
+    """Option-A shortcuts (``F.pad`` of a strided slice) keep every dimension symbolic."""
+    import revcompile
+
+    example = torch.randn(2, 3, 32, 32)
+    model = models.cifar_resnet(20, "A").train()
+    if convert:
+        model = revcompile.convert(model, example).train()
+    formula = activation_memory_formula(model, (example,))
+    assert formula.free_symbols == {B, H, W}
+    for shape in [(5, 3, 32, 32), (3, 3, 27, 40)]:
+        assert _at(formula, shape) == saved_activation_bytes(model, torch.randn(*shape)), shape
