@@ -62,7 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="default 8 (CPU) / 64 (CUDA)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds")
-    parser.add_argument("--repeats", type=int, default=2, help="timed rounds (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--no-peak", action="store_true", help="skip peak step memory")
     parser.add_argument("--peak-timeout", type=float, default=600.0)
     parser.add_argument("--compile-timeout", type=float, default=300.0)
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     meta["notes"] = [
         "Step times: eager variants of one model timed round-robin in one process; "
-        f"{args.warmup} warm-up round(s), median of {args.repeats} timed rounds (few repeats "
-        "to keep the full run near 15 minutes on a 2-core CPU; ratios are from one run).",
+        f"{args.warmup} warm-up round(s), median of {args.repeats} timed rounds "
+        "(ratios are from one run).",
         "torch_compile_budget: built, timed and measured in its own process; "
         "first_step_s includes compilation.",
         "peak_step_bytes: revcompile.memory.peak_step_memory (fresh process, warm-up step).",
