@@ -200,7 +200,8 @@ def _plot(rows: list[dict[str, Any]], args: argparse.Namespace, stem: Path, meta
         ax.set_ylabel(label)
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    # With --no-peak the left panel is empty: put the legend where the lines are.
+    next((ax for ax in axes if ax.lines), axes[0]).legend(fontsize=8)
     fig.suptitle(
         f"CIFAR ResNets, batch {args.batch}, {args.device} — "
         f"{common.machine_line(meta['machine'])}",
