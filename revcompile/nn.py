@@ -330,13 +330,15 @@ class _ReversibleFunction(torch.autograd.Function):
             for coupling, (f_record, g_record) in zip(
                 reversed(stage.couplings), reversed(ctx.records)
             ):
+                # A branch's output and input gradient are dropped as soon as
+                # they are used: the next branch's recomputation is the peak.
                 if coupling.G is not None:
                     g_out, dg = backprop(coupling.G, g_record, y1, dy2)
-                    y2 = y2 - g_out
-                    dy1 = dy1 + dg
+                    y2, dy1 = y2 - g_out, dy1 + dg
+                    del g_out, dg
                 f_out, df = backprop(coupling.F, f_record, y2, dy1)
-                y1 = y1 - f_out
-                dy2 = dy2 + df
+                y1, dy2 = y1 - f_out, dy2 + df
+                del f_out, df
             # x1 and x2 are the two halves of x, or both x itself.
             dx = torch.cat([dy1, dy2], dim=stage.dim) if stage.split == "halve" else dy1 + dy2
         return (dx, None, None, *param_grads)
