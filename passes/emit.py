@@ -2,7 +2,7 @@
 
 Each Stage of the plan becomes one ``call_module`` of a ``ReversibleSequence``
 whose couplings hold F and G branches built by
-``passes.partition.build_branch``: half-width along the channel axis
+``revcompile.passes.partition.build_branch``: half-width along the channel axis
 ``halving_dim`` finds for a ``halve`` stage, full-width copies for a
 ``duplicate`` stage. The nodes the stage absorbed are erased; the
 post-op of the stage's last block is re-applied after the stage, out of place
@@ -21,11 +21,11 @@ import operator
 from collections.abc import Callable
 from typing import Literal
 
+from revcompile.passes.find_residuals import common_module_prefix, reads_metadata_only
+from revcompile.passes.ir import Coupling, Plan, Stage
+from revcompile.passes.partition import build_branch, channel_axes, halving_dim, out_of_place
 from torch.fx import Graph, GraphModule, Node
 
-from passes.find_residuals import common_module_prefix, reads_metadata_only
-from passes.ir import Coupling, Plan, Stage
-from passes.partition import build_branch, channel_axes, halving_dim, out_of_place
 from revcompile.errors import ConversionError
 from revcompile.nn import AdditiveCoupling, CheckpointedSegment, ReversibleSequence
 

@@ -34,10 +34,9 @@ from collections.abc import Iterable
 
 import networkx as nx
 import torch
+from revcompile.passes.ir import RejectedAdd, ResidualBlock
+from revcompile.passes.trace import module_path
 from torch.fx import GraphModule, Node
-
-from passes.ir import RejectedAdd, ResidualBlock
-from passes.trace import module_path
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = frozenset({"add", "add_"})
@@ -71,7 +70,7 @@ SINK = _Virtual("<sink>")
 def find_residuals(gm: GraphModule) -> tuple[list[ResidualBlock], list[RejectedAdd]]:
     """Find the residual blocks (``join = shortcut + branch(fork)``) of ``gm``.
 
-    Preconditions: ``gm`` comes from ``passes.trace.trace`` (module-level graph,
+    Preconditions: ``gm`` comes from ``revcompile.passes.trace.trace`` (module-level graph,
     ``meta["nn_module_stack"]`` on the nodes). Shapes are not needed.
 
     Postconditions: every add-like node of ``gm`` appears exactly once, either

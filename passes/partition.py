@@ -65,11 +65,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from revcompile.passes.ir import ResidualBlock
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import _get_qualified_name, map_arg
 
-from passes.ir import ResidualBlock
 from revcompile.errors import ConversionError
 
 __all__ = [

@@ -21,11 +21,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+from revcompile.passes.find_residuals import common_module_prefix, reads_metadata_only
+from revcompile.passes.ir import (
+    BlockPlan,
+    Coupling,
+    Plan,
+    RejectedAdd,
+    ResidualBlock,
+    Stage,
+    StageSplit,
+)
+from revcompile.passes.trace import module_path
 from torch.fx import GraphModule, Node
 
-from passes.find_residuals import common_module_prefix, reads_metadata_only
-from passes.ir import BlockPlan, Coupling, Plan, RejectedAdd, ResidualBlock, Stage, StageSplit
-from passes.trace import module_path
 from revcompile.conversion_report import BlockReport, ConversionReport, RejectedReport, StageReport
 
 BranchCheck = Callable[[GraphModule, ResidualBlock], "str | None"]
@@ -56,8 +64,8 @@ def plan(
     """Classify, chain and pair the residual blocks of ``gm``.
 
     Preconditions: ``blocks`` and ``rejected`` come from
-    ``passes.find_residuals.find_residuals(gm)`` (graph order); shapes from
-    ``passes.shape_prop`` are used when present (``meta["tensor_meta"]`` on the
+    ``revcompile.passes.find_residuals.find_residuals(gm)`` (graph order); shapes from
+    ``revcompile.passes.shape_prop`` are used when present (``meta["tensor_meta"]`` on the
     placeholders), skipped otherwise.
 
     Postconditions: ``Plan.blocks`` has exactly one BlockPlan per block, in the

@@ -11,15 +11,15 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from passes.cleanup import cleanup
-from passes.emit import Policy, emit
-from passes.find_residuals import find_residuals
-from passes.ir import Plan
-from passes.plan import Leftover, Split, plan, report_from_plan
-from passes.shape_prop import propagate_guessed_shapes, propagate_shapes
-from passes.trace import trace
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError
+from revcompile.passes.cleanup import cleanup
+from revcompile.passes.emit import Policy, emit
+from revcompile.passes.find_residuals import find_residuals
+from revcompile.passes.ir import Plan
+from revcompile.passes.plan import Leftover, Split, plan, report_from_plan
+from revcompile.passes.shape_prop import propagate_guessed_shapes, propagate_shapes
+from revcompile.passes.trace import trace
 
 REPORT_ATTRIBUTE = "revcompile_report"
 
@@ -42,7 +42,7 @@ def analyze(model: nn.Module, example_inputs: ExampleInputs = None) -> Conversio
     argument) give every node a shape (FakeTensors: no compute, the model's
     buffers are untouched), which enables the shape checks (broadcasting adds,
     odd channel counts). Without them revcompile guesses an input from the
-    first Conv/Linear layer (see ``passes.shape_prop.guess_example_inputs``);
+    first Conv/Linear layer (see ``revcompile.passes.shape_prop.guess_example_inputs``);
     if the model rejects the guesses, shapes stay unchecked
     (``report.shapes_checked`` is False).
 
@@ -66,7 +66,7 @@ def run_analysis(
     stages split their input (see ``convert``). ``gm`` shares its parameters
     and buffers with ``model``; ``model`` is not modified.
     """
-    from passes.partition import unsupported_reason
+    from revcompile.passes.partition import unsupported_reason
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

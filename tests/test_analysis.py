@@ -11,12 +11,12 @@ import pytest
 import torch
 import torchvision
 from hypothesis import given
+from revcompile.passes.find_residuals import find_residuals
+from revcompile.passes.plan import ODD_LEFTOVER, PROJECTION, plan, report_from_plan
+from revcompile.passes.shape_prop import propagate_shapes
+from revcompile.passes.trace import trace
 from strategies import GeneratedNet, build_model, residual_nets
 
-from passes.find_residuals import find_residuals
-from passes.plan import ODD_LEFTOVER, PROJECTION, plan, report_from_plan
-from passes.shape_prop import propagate_shapes
-from passes.trace import trace
 from revcompile.api import analyze, run_analysis
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError

@@ -20,12 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from revcompile.passes.ir import ResidualBlock
+from revcompile.passes.partition import PartitionError, build_branch, unsupported_reason
 from torch import nn
 from torch.fx import GraphModule, Node, symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
-
-from passes.ir import ResidualBlock
-from passes.partition import PartitionError, build_branch, unsupported_reason
 
 C = 8
 
