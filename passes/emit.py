@@ -19,17 +19,22 @@ from __future__ import annotations
 import copy
 import operator
 from collections.abc import Callable
-from typing import Literal
 
-from revcompile.passes.find_residuals import common_module_prefix, reads_metadata_only
+from revcompile.passes.graph_utils import (
+    common_module_prefix,
+    graph_position,
+    tensor_shape,
+    unique_name,
+)
 from revcompile.passes.ir import Coupling, Plan, Stage
-from revcompile.passes.partition import build_branch, channel_axes, halving_dim, out_of_place
+from revcompile.passes.ops import out_of_place, reads_metadata_only
+from revcompile.passes.partition import build_branch, channel_axes, halving_dim
 from torch.fx import Graph, GraphModule, Node
 
+from revcompile import options
 from revcompile.errors import ConversionError
 from revcompile.nn import AdditiveCoupling, CheckpointedSegment, ReversibleSequence
-
-Policy = Literal["checkpoint", "store"]
+from revcompile.options import Policy
 
 
 def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[str]:
@@ -47,8 +52,7 @@ def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[
     lint, recompile). Returns the rewrites made, one sentence each, for the
     report.
     """
-    if policy not in ("checkpoint", "store"):
-        raise ValueError(f"policy must be 'checkpoint' or 'store', not {policy!r}")
+    options.check("policy", policy, Policy)
     # Every stage is built from the original graph before any of it is rewritten.
     built = [_build_stage(gm, stage) for stage in plan.stages]
     replaced: dict[Node, Node] = {}
@@ -126,7 +130,7 @@ def _emit_stage(
     replaced[last.output] = result
     if last.post_op is not None:
         absorbed.append(last.post_op)
-    for node in sorted(set(absorbed), key=_position(graph), reverse=True):
+    for node in sorted(set(absorbed), key=graph_position(graph), reverse=True):
         graph.erase_node(node)
 
     for coupling in stage.couplings:
@@ -176,13 +180,13 @@ def _coupling(
 
 
 def _channels(node: Node, dim: int) -> int:
-    meta = node.meta.get("tensor_meta")
-    if meta is None:
+    shape = tensor_shape(node)
+    if shape is None:
         raise ConversionError(
             f"the shape of {node.name} is unknown; pass example_inputs to convert() so that "
             "channel counts can be checked"
         )
-    return int(meta.shape[dim])
+    return shape[dim]
 
 
 def _copy_out_of_place(gm: GraphModule, node: Node, new_input: Node, name: str) -> Node:
@@ -204,11 +208,6 @@ def _describe(node: Node) -> str:
     return str(node.target) if node.op == "call_module" else node.name
 
 
-def _position(graph: Graph) -> Callable[[Node], int]:
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    return order.__getitem__
-
-
 def _checkpoint_segments(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[str]:
     """Wrap each maximal run of non-stage compute nodes in a CheckpointedSegment."""
     runs: list[list[Node]] = [[]]
@@ -220,7 +219,7 @@ def _checkpoint_segments(gm: GraphModule, is_stage: Callable[[Node], bool]) -> l
     segments = [run for run in runs if any(n.op.startswith("call_") for n in run)]
     first_stage = next(n for n in gm.graph.nodes if is_stage(n))
     last_stage = next(n for n in reversed(gm.graph.nodes) if is_stage(n))
-    order = _position(gm.graph)
+    order = graph_position(gm.graph)
     used_names = set(dict(gm.named_modules())) | set(dir(gm))
     changes = []
     for segment in segments:
@@ -230,7 +229,7 @@ def _checkpoint_segments(gm: GraphModule, is_stage: Callable[[Node], bool]) -> l
             base = "head"
         else:
             base = _span_name(gm, segment)
-        name = _unique(base, used_names)
+        name = unique_name(base, used_names)
         _outline(gm, segment, name)
         changes.append(f"{len(segment)} nodes checkpointed as {name}")
     return changes
@@ -253,15 +252,6 @@ def _span_name(gm: GraphModule, segment: list[Node]) -> str:
         depth = owners[0].count(".") + 1
         prefix = f"{owners[0]}_to_{'.'.join(owners[-1].split('.')[:depth])}"
     return prefix.replace(".", "_")
-
-
-def _unique(base: str, used_names: set[str]) -> str:
-    name, suffix = base, 1
-    while name in used_names:
-        suffix += 1
-        name = f"{base}_{suffix}"
-    used_names.add(name)
-    return name
 
 
 def _outline(gm: GraphModule, segment: list[Node], name: str) -> None:

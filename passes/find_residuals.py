@@ -29,28 +29,14 @@ adds whose result is unused are rejected with the reason.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 
 import networkx as nx
 import torch
+from revcompile.passes.graph_utils import common_module_prefix, module_path
 from revcompile.passes.ir import RejectedAdd, ResidualBlock
-from revcompile.passes.trace import module_path
+from revcompile.passes.ops import ACTIVATION_NAMES, NOT_ELEMENTWISE, activation_name, is_add
 from torch.fx import GraphModule, Node
-
-ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-ADD_METHODS = frozenset({"add", "add_"})
-
-ACTIVATION_NAMES = frozenset(
-    {
-        "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
-        "hardtanh", "leaky_relu", "elu", "selu", "celu", "mish", "softplus", "prelu",
-        "rrelu", "logsigmoid", "softsign", "tanhshrink", "threshold", "swish",
-        "leakyrelu", "logsoftmax", "softmax", "log_softmax", "softmin", "glu",
-    }
-)  # fmt: skip
-"""Nonlinearities, by function/method name or lower-cased module class name."""
-NOT_ELEMENTWISE = frozenset({"softmax", "log_softmax", "logsoftmax", "softmin", "glu"})
 
 
 class _Virtual:
@@ -91,45 +77,6 @@ def find_residuals(gm: GraphModule) -> tuple[list[ResidualBlock], list[RejectedA
         (blocks if isinstance(found, ResidualBlock) else rejected).append(found)
     _make_names_unique(blocks)
     return blocks, rejected
-
-
-def is_add(node: Node) -> bool:
-    """True for the add-like nodes revcompile recognises as possible joins."""
-    if node.op == "call_function":
-        return any(node.target is add for add in ADD_FUNCTIONS)
-    return node.op == "call_method" and node.target in ADD_METHODS
-
-
-METADATA_METHODS = frozenset({"dim", "size", "ndimension", "numel", "nelement"})
-METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
-
-
-def reads_metadata_only(node: Node) -> bool:
-    """True for ops that read only the shape, dtype or device of their tensor
-    argument (``x.dim()``, ``x.shape``), never its values."""
-    if node.op == "call_method":
-        return node.target in METADATA_METHODS
-    return (
-        node.op == "call_function"
-        and node.target is getattr
-        and len(node.args) == 2
-        and node.args[1] in METADATA_ATTRIBUTES
-    )
-
-
-def activation_name(gm: GraphModule, node: Node) -> str | None:
-    """The nonlinearity ``node`` applies (e.g. ``"relu"``), or None."""
-    if node.op == "call_module":
-        name = type(gm.get_submodule(node.target)).__name__.lower()
-        return name if name in ACTIVATION_NAMES else None
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-    elif node.op == "call_method":
-        name = node.target
-    else:
-        return None
-    name = name.rstrip("_")
-    return name if name in ACTIVATION_NAMES else None
 
 
 def _dataflow_graph(gm: GraphModule) -> nx.DiGraph:
@@ -321,19 +268,6 @@ def _block_name(join: Node, region: list[Node]) -> str:
 
 def _within(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
-
-
-def common_module_prefix(paths: Iterable[str]) -> str:
-    """The longest dotted module path that every path in ``paths`` lies within."""
-    split_paths = [path.split(".") for path in paths]
-    if not split_paths:
-        return ""
-    prefix: list[str] = []
-    for parts in zip(*split_paths):
-        if any(part != parts[0] for part in parts):
-            break
-        prefix.append(parts[0])
-    return ".".join(prefix)
 
 
 def _make_names_unique(blocks: list[ResidualBlock]) -> None:

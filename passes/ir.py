@@ -13,9 +13,10 @@ from typing import Literal
 
 from torch.fx import Node
 
+from revcompile.options import StageSplit
+
 ShortcutKind = Literal["identity", "projection"]
 Fate = Literal["F", "G", "half", "kept"]
-StageSplit = Literal["halve", "duplicate"]
 
 
 @dataclass(eq=False)

@@ -56,21 +56,25 @@ takes a private copy of a module and slices its parameters and buffers.
 from __future__ import annotations
 
 import copy
-import inspect
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from revcompile.passes.ir import ResidualBlock
+from revcompile.passes.ops import (
+    STOCHASTIC_DEPTH_CLASS_NAMES,
+    STOCHASTIC_DEPTH_FUNCTIONS,
+    method_base,
+    op_name,
+    out_of_place,
+)
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import _get_qualified_name, map_arg
 
-from revcompile.errors import ConversionError
+from revcompile.errors import PartitionError
 
 __all__ = [
     "PartitionError",
@@ -86,20 +90,6 @@ __all__ = [
     "slice_prelu",
     "unsupported_reason",
 ]
-
-
-class PartitionError(ConversionError):
-    """The branch cannot be split into halves; ``reason`` is the report text.
-
-    ``progress`` counts the branch ops the analysis accepted before failing;
-    among several readings of the channel axis, the one that got furthest
-    gives the reason.
-    """
-
-    def __init__(self, reason: str, progress: int = 0) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.progress = progress
 
 
 # --------------------------------------------------------------------------- op tables
@@ -144,9 +134,6 @@ _SPATIAL_MODULES = (
     nn.AdaptiveMaxPool3d,
     nn.Upsample,
 )
-# Per-sample scaling modules of other libraries, matched by class name.
-_STOCHASTIC_DEPTH_MODULES = frozenset({"StochasticDepth", "DropPath"})
-
 _ELEMENTWISE_FUNCTIONS = frozenset(
     {
         torch.relu,
@@ -203,10 +190,6 @@ _SPATIAL_FUNCTIONS = frozenset(
         F.interpolate,
     }
 )
-# Wrapped (fx leaf) functions of other libraries, matched by qualified name.
-_STOCHASTIC_DEPTH_FUNCTIONS = frozenset(
-    {"torchvision.ops.stochastic_depth.stochastic_depth", "timm.layers.drop.drop_path"}
-)
 _BINARY_FUNCTIONS = frozenset(
     {
         operator.add,
@@ -229,31 +212,6 @@ _ELEMENTWISE_METHODS = frozenset(
     {"relu", "sigmoid", "tanh", "clamp", "exp", "neg", "contiguous", "clone"}
 )
 _BINARY_METHODS = frozenset({"add", "sub", "mul", "div"})
-
-_OUT_OF_PLACE_OPERATORS = {
-    operator.iadd: operator.add,
-    operator.isub: operator.sub,
-    operator.imul: operator.mul,
-    operator.itruediv: operator.truediv,
-}
-
-
-def _op_name(node: Node) -> str:
-    """How an op is named in a reason: ``torch.flatten``, ``Tensor.view``, ``Flatten``."""
-    if node.op == "call_function":
-        return _get_qualified_name(node.target).replace("_operator.", "operator.")
-    if node.op == "call_method":
-        return f"Tensor.{node.target}"
-    if node.op == "call_module":
-        return type(node.graph.owning_module.get_submodule(node.target)).__name__
-    return node.op
-
-
-def _method_base(name: str) -> str:
-    """``relu_`` -> ``relu``; other names unchanged."""
-    if name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name[:-1]):
-        return name[:-1]
-    return name
 
 
 # --------------------------------------------------------------------------- analysis
@@ -395,18 +353,18 @@ class _Partition:
         else:
             value = None
         if value is None:
-            raise PartitionError(f"unsupported op {_op_name(node)} in branch")
+            raise PartitionError(f"unsupported op {op_name(node)} in branch")
         self.values[node] = value
 
     def source(self, node: Node) -> _Value:
         """The value of the one tensor argument of a unary op (its first argument)."""
         if not node.args or not isinstance(node.args[0], Node) or len(node.all_input_nodes) != 1:
-            raise PartitionError(f"unsupported use of {_op_name(node)} in branch")
+            raise PartitionError(f"unsupported use of {op_name(node)} in branch")
         return self.values[node.args[0]]
 
     def require_axis(self, node: Node, value: _Value, dim: int) -> None:
         if not value.axis_is(dim):
-            raise PartitionError(f"{_op_name(node)} not applied to the channel dim")
+            raise PartitionError(f"{op_name(node)} not applied to the channel dim")
 
     def module_step(self, node: Node, mod: nn.Module) -> _Value | None:
         target = str(node.target)
@@ -453,7 +411,7 @@ class _Partition:
             self.require_axis(node, x, 1)
             return x
         if isinstance(mod, _ELEMENTWISE_MODULES) or (
-            type(mod).__name__ in _STOCHASTIC_DEPTH_MODULES
+            type(mod).__name__ in STOCHASTIC_DEPTH_CLASS_NAMES
         ):
             return self.source(node)
         if type(mod).__name__ == "Permute" and hasattr(mod, "dims"):
@@ -474,12 +432,12 @@ class _Partition:
             return self.elementwise(node)
         if fn in _PERMUTE_FUNCTIONS:
             return self.permute(self.source(node), node.args[1])
-        if _get_qualified_name(fn) in _STOCHASTIC_DEPTH_FUNCTIONS:
+        if _get_qualified_name(fn) in STOCHASTIC_DEPTH_FUNCTIONS:
             return self.source(node)
         return None
 
     def method_step(self, node: Node) -> _Value | None:
-        name = _method_base(str(node.target))
+        name = method_base(str(node.target))
         if name in _ELEMENTWISE_METHODS:
             return self.source(node)
         if name in _BINARY_METHODS:
@@ -532,7 +490,7 @@ class _Partition:
         """A broadcasting element-wise op: merge the spaces of its branch operands."""
         tensors = [a for a in node.all_input_nodes if not self.is_constant(a)]
         if not tensors:
-            raise PartitionError(f"unsupported use of {_op_name(node)} in branch")
+            raise PartitionError(f"unsupported use of {op_name(node)} in branch")
         first = self.values[tensors[0]]
         for other in map(self.values.__getitem__, tensors[1:]):
             same_axis = first.axis == other.axis or (
@@ -541,7 +499,7 @@ class _Partition:
                 and first.axis % first.ndim == other.axis % other.ndim
             )
             if not same_axis:
-                raise PartitionError(f"{_op_name(node)} broadcasts across the channel dim")
+                raise PartitionError(f"{op_name(node)} broadcasts across the channel dim")
             first = _Value(self.union(first.space, other.space), first.axis, first.ndim)
         for operand in node.all_input_nodes:
             if self.is_constant(operand):
@@ -557,7 +515,7 @@ class _Partition:
         """
         attr = _reshaped_attr(operand)
         if attr is None:
-            raise PartitionError(f"{_op_name(operand)} of a parameter in branch")
+            raise PartitionError(f"{op_name(operand)} of a parameter in branch")
         tensor = _fetch_attr(self.gm, str(attr.target))
         meta = operand.meta.get("tensor_meta")
         shape = tuple(tensor.shape) if operand is attr else getattr(meta, "shape", None)
@@ -896,58 +854,6 @@ def _check_closed(block: ResidualBlock, branch: list[Node], pre_op: Node | None)
         for arg in node.all_input_nodes:
             if arg not in inside and arg.op != "get_attr":
                 raise PartitionError(f"branch reads {arg.name} from outside the block")
-
-
-@cache
-def _inplace_position(fn: Callable[..., Any]) -> int | None:
-    """Position of an ``inplace`` parameter in ``fn``'s signature, if it has one."""
-    try:
-        params = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return None
-    return params.index("inplace") if "inplace" in params else None
-
-
-def _out_of_place_function(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.relu_`` -> ``torch.relu``, ``F.relu_`` -> ``F.relu``, ``operator.iadd`` -> add."""
-    if fn in _OUT_OF_PLACE_OPERATORS:
-        return _OUT_OF_PLACE_OPERATORS[fn]
-    name = getattr(fn, "__name__", "")
-    if name.endswith("_") and not name.startswith("_"):
-        for namespace in (torch, F):
-            if getattr(namespace, name, None) is fn and hasattr(namespace, name[:-1]):
-                return getattr(namespace, name[:-1])
-    return fn
-
-
-def out_of_place(node: Node, gm: GraphModule) -> tuple[Any, tuple[Any, ...], dict[str, Any], bool]:
-    """The target, args and kwargs of an out-of-place version of ``node``.
-
-    Post: in-place variants (``relu_``, ``operator.iadd``, ``torch.sigmoid_``)
-    are replaced by their out-of-place versions and an ``inplace`` argument
-    (keyword or positional) is False; the flag says whether ``node`` wrote its
-    first argument (for modules: has ``inplace=True``, reset on the copy).
-    """
-    target, args, kwargs = node.target, node.args, dict(node.kwargs)
-    if node.op == "call_module":
-        return target, args, kwargs, getattr(gm.get_submodule(str(target)), "inplace", False)
-    if node.op == "call_method":
-        base = _method_base(str(target))
-        return base, args, kwargs, base != target
-    if node.op != "call_function":
-        return target, args, kwargs, False
-    if target is operator.setitem:
-        raise PartitionError("in-place op operator.setitem in branch")
-    base = _out_of_place_function(target)
-    position = _inplace_position(base)
-    inplace = base is not target
-    if "inplace" in kwargs:
-        inplace |= bool(kwargs["inplace"])
-        kwargs["inplace"] = False
-    elif position is not None and position < len(args):
-        inplace |= bool(args[position])
-        args = (*args[:position], False, *args[position + 1 :])
-    return base, args, kwargs, inplace
 
 
 # --------------------------------------------------------------------------- public API

@@ -19,9 +19,13 @@ chain with at least one coupling is a Stage.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
-from revcompile.passes.find_residuals import common_module_prefix, reads_metadata_only
+from revcompile.passes.graph_utils import (
+    common_module_prefix,
+    module_path,
+    tensor_shape,
+    unique_name,
+)
 from revcompile.passes.ir import (
     BlockPlan,
     Coupling,
@@ -31,17 +35,17 @@ from revcompile.passes.ir import (
     Stage,
     StageSplit,
 )
-from revcompile.passes.trace import module_path
+from revcompile.passes.ops import reads_metadata_only
 from torch.fx import GraphModule, Node
 
+from revcompile import options
 from revcompile.conversion_report import BlockReport, ConversionReport, RejectedReport, StageReport
+from revcompile.options import Leftover, Split
 
 BranchCheck = Callable[[GraphModule, ResidualBlock], "str | None"]
 """``branch_check(gm, block)`` returns why the branch cannot be split into
 channel halves (report wording, e.g. ``"unsupported op torch.flatten in
 branch"``), or None when it can."""
-Leftover = Literal["store", "half"]
-Split = Literal["halve", "duplicate", "auto"]
 
 PROJECTION = "projection shortcut"
 TAPPED = "branch output used outside the block"
@@ -76,10 +80,8 @@ def plan(
     couplings follow their chain's order. ``branch_check`` is not called
     with ``split="duplicate"``. ``gm`` is not modified.
     """
-    if leftover not in ("store", "half"):
-        raise ValueError(f"leftover must be 'store' or 'half', not {leftover!r}")
-    if split not in ("halve", "duplicate", "auto"):
-        raise ValueError(f"split must be 'halve', 'duplicate' or 'auto', not {split!r}")
+    options.check("leftover", leftover, Leftover)
+    options.check("split", split, Split)
     shapes_known = _shapes_known(gm)
     fates = {block: _kept_reason(block, blocks, shapes_known) for block in blocks}
     halving = {
@@ -182,12 +184,6 @@ def _shapes_known(gm: GraphModule) -> bool:
     return bool(placeholders) and all("tensor_meta" in node.meta for node in placeholders)
 
 
-def _shape(node: Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return None if shape is None else tuple(shape)
-
-
 def _kept_reason(
     block: ResidualBlock, blocks: list[ResidualBlock], shapes_known: bool
 ) -> str | None:
@@ -210,7 +206,10 @@ def _kept_reason(
     if nested:
         return f"{NESTED} ({', '.join(nested)})"
     if shapes_known:
-        branch_shape, shortcut_shape = _shape(block.branch_out), _shape(block.shortcut_out)
+        branch_shape, shortcut_shape = (
+            tensor_shape(block.branch_out),
+            tensor_shape(block.shortcut_out),
+        )
         if branch_shape is not None and branch_shape != shortcut_shape:
             return (
                 f"branch output shape {branch_shape} != shortcut shape {shortcut_shape} "
@@ -272,12 +271,7 @@ def _pair(chain: list[ResidualBlock], leftover: Leftover) -> list[Coupling]:
 
 def _unique_stage_name(chain: list[ResidualBlock], used_names: set[str]) -> str:
     prefix = common_module_prefix(block.name for block in chain).replace(".", "_")
-    base = f"{prefix}_rev" if prefix else "rev"
-    name, suffix = base, 1
-    while name in used_names:
-        name, suffix = f"{base}_{suffix}", suffix + 1
-    used_names.add(name)
-    return name
+    return unique_name(f"{prefix}_rev" if prefix else "rev", used_names)
 
 
 def _describe_node(node: Node) -> str:

@@ -23,7 +23,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from revcompile.errors import ConversionError
+from revcompile.errors import ConversionError, InputShapeError
 
 GUESS_BATCH = 2
 GUESS_SPATIAL_SIZES = (224, 32)
@@ -65,7 +65,7 @@ def propagate_shapes(gm: GraphModule, example_inputs: Sequence[torch.Tensor]) ->
             node.meta.pop("tensor_meta", None)
         shapes = ", ".join(_describe_input(value) for value in example_inputs)
         message = str(error).split("\n\n")[0]  # fx appends the whole failing graph context
-        raise ConversionError(
+        raise InputShapeError(
             f"{gm.__class__.__name__} rejects example inputs of shape {shapes} at node "
             f"{recorder.current_node}: {type(error).__name__}: {message}"
         ) from error

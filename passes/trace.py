@@ -23,12 +23,12 @@ import operator
 from collections.abc import Callable
 
 import torch
+from revcompile.passes.graph_utils import graph_position
+from revcompile.passes.ops import STOCHASTIC_DEPTH_CLASS_NAMES
 from torch import nn
 from torch.fx import GraphModule, Tracer
 
 from revcompile.errors import ConversionError
-
-STOCHASTIC_DEPTH_CLASS_NAMES = frozenset({"DropPath", "StochasticDepth"})
 
 
 def _timm_notrace_registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
@@ -140,7 +140,7 @@ def _drop_specialized_placeholders(graph: torch.fx.Graph, names: set[str]) -> No
             _is_assert(node) or node.target is operator.eq for node in guards
         ):
             continue
-        for node in sorted(guards, key=lambda n: -_position(graph, n)):
+        for node in sorted(guards, key=graph_position(graph), reverse=True):
             graph.erase_node(node)
         graph.erase_node(placeholder)
 
@@ -150,17 +150,3 @@ def _is_assert(node: torch.fx.Node) -> bool:
         "_assert",
         "_assert_is_none",
     )
-
-
-def _position(graph: torch.fx.Graph, node: torch.fx.Node) -> int:
-    return next(i for i, n in enumerate(graph.nodes) if n is node)
-
-
-def module_path(node: torch.fx.Node) -> str:
-    """The dotted path of the innermost module whose forward created ``node``
-    ("" for the root module or when fx recorded no module stack)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    innermost_path, _module_class = next(reversed(stack.values()))
-    return innermost_path

@@ -13,11 +13,12 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError
+from revcompile.options import Leftover, Policy, Split
 from revcompile.passes.cleanup import cleanup
-from revcompile.passes.emit import Policy, emit
+from revcompile.passes.emit import emit
 from revcompile.passes.find_residuals import find_residuals
 from revcompile.passes.ir import Plan
-from revcompile.passes.plan import Leftover, Split, plan, report_from_plan
+from revcompile.passes.plan import plan, report_from_plan
 from revcompile.passes.shape_prop import propagate_guessed_shapes, propagate_shapes
 from revcompile.passes.trace import trace
 

@@ -28,6 +28,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from revcompile import options
+
 __all__ = ["main"]
 
 EXIT_OK = 0
@@ -181,19 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write")
     convert.add_argument(
         "--policy",
-        choices=("checkpoint", "store"),
+        choices=options.choices(options.Policy),
         default="checkpoint",
         help="non-reversible segments: recompute in backward (checkpoint, default) or store",
     )
     convert.add_argument(
         "--leftover",
-        choices=("store", "half"),
+        choices=options.choices(options.Leftover),
         default="store",
         help="odd last block of a chain: ordinary block (store, default) or half-coupling",
     )
     convert.add_argument(
         "--split",
-        choices=("halve", "duplicate", "auto"),
+        choices=options.choices(options.Split),
         default="halve",
         help="stage streams: channel halves (halve, default), two full-width copies "
         "(duplicate, for attention and other blocks that cannot be halved) or halve "
@@ -473,8 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``revcompile`` command line; returns the exit code."""
     args = build_parser().parse_args(argv)
     debug = args.debug
-    from revcompile.errors import ConversionError
-    from revcompile.io import SourceError
+    from revcompile.errors import ConversionError, InputShapeError, SourceError
 
     command = {"convert": run_convert, "inspect": run_inspect}[args.command]
     try:
@@ -488,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_CONVERSION, str(error), debug)
     except ConversionError as error:
         message = _one_line(error)
-        if "rejects example inputs" in message:
+        if isinstance(error, InputShapeError):
             message += "; give an --input-shape the model accepts (batch first)"
         return _fail(EXIT_CONVERSION, f"cannot convert {args.src}: {message}", debug)
     except KeyboardInterrupt:

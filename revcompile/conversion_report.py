@@ -8,7 +8,38 @@ printed, serialised (``to_dict`` is JSON-serialisable) and read back
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
+
+
+class KeptReason(Enum):
+    """Why a residual block stays an ordinary (stored) block: a stable code.
+
+    The value is the code written to JSON and asserted by tests; ``words`` is
+    what the report table shows. A ``BlockReport.detail`` adds the specifics
+    (which op, which node, which layer is shared).
+    """
+
+    PROJECTION = "projection"
+    TAPPED = "tapped"
+    NESTED = "nested"
+    BROADCAST = "broadcast"
+    ODD_LEFTOVER = "odd_leftover"
+    NOT_HALVABLE = "not_halvable"
+
+    @property
+    def words(self) -> str:
+        return _KEPT_WORDS[self]
+
+
+_KEPT_WORDS = {
+    KeptReason.PROJECTION: "projection shortcut",
+    KeptReason.TAPPED: "branch output used outside the block",
+    KeptReason.NESTED: "contains nested residual blocks",
+    KeptReason.BROADCAST: "branch output shape differs from the shortcut's (broadcasting add)",
+    KeptReason.ODD_LEFTOVER: "odd leftover",
+    KeptReason.NOT_HALVABLE: "branch cannot be split into channel halves",
+}
 
 
 @dataclass

@@ -1,5 +1,45 @@
-"""Exceptions raised by revcompile."""
+"""The exceptions revcompile raises: one hierarchy under ``RevcompileError``.
+
+Callers (the CLI, the benchmarks, users) branch on the class, never on the
+message text; messages are one line saying what is wrong and what to do.
+"""
+
+from __future__ import annotations
 
 
-class ConversionError(RuntimeError):
+class RevcompileError(Exception):
+    """Base class of every error revcompile raises on purpose."""
+
+
+class ConversionError(RevcompileError, RuntimeError):
     """The model cannot be traced or converted; the message says what to do."""
+
+
+class InputShapeError(ConversionError):
+    """The model rejects the example inputs (or the guessed ones) it was given."""
+
+
+class PartitionError(ConversionError):
+    """A branch cannot be split into channel halves; ``reason`` is the report text.
+
+    ``progress`` counts the branch ops the analysis accepted before failing;
+    among several readings of the channel axis, the one that got furthest
+    gives the reason.
+    """
+
+    def __init__(self, reason: str, progress: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.progress = progress
+
+
+class SourceError(RevcompileError, ValueError):
+    """A model source (factory spec, pickled module, state_dict) cannot be loaded."""
+
+
+class RevcompileFileError(RevcompileError, ValueError):
+    """A file is not a module saved by ``revcompile.save``, or is damaged."""
+
+
+class MeasurementTimeout(RevcompileError, TimeoutError):
+    """A measurement in a fresh process did not finish in time."""

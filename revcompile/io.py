@@ -42,6 +42,7 @@ from torch.fx import GraphModule
 
 from revcompile.api import attach_report, report
 from revcompile.conversion_report import ConversionReport
+from revcompile.errors import RevcompileFileError, SourceError
 
 __all__ = [
     "FORMAT",
@@ -65,15 +66,6 @@ _SPEC = re.compile(
 )
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
-
-
-class SourceError(ValueError):
-    """A model source cannot be turned into an ``nn.Module``; the message says why
-    and what to do."""
-
-
-class RevcompileFileError(ValueError):
-    """A file given to :func:`load` is not a readable revcompile file."""
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,55 @@
+"""Graph utilities shared by the passes: node order, module paths, unique
+names and the shapes shape propagation recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from torch.fx import Graph, Node
+
+
+def module_path(node: Node) -> str:
+    """The dotted path of the innermost module whose forward created ``node``
+    ("" for the root module or when fx recorded no module stack)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    innermost_path, _module_class = next(reversed(stack.values()))
+    return innermost_path
+
+
+def common_module_prefix(paths: Iterable[str]) -> str:
+    """The longest dotted module path that every path in ``paths`` lies within."""
+    split_paths = [path.split(".") for path in paths]
+    if not split_paths:
+        return ""
+    prefix: list[str] = []
+    for parts in zip(*split_paths):
+        if any(part != parts[0] for part in parts):
+            break
+        prefix.append(parts[0])
+    return ".".join(prefix)
+
+
+def graph_position(graph: Graph) -> Callable[[Node], int]:
+    """A key function giving each node of ``graph`` its position (graph order)."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
+def unique_name(base: str, used_names: set[str]) -> str:
+    """``base``, or ``base_2``, ``base_3``, ...: the first not in ``used_names``
+    (which is extended with it). Every name the passes create comes from here."""
+    name, suffix = base, 1
+    while name in used_names:
+        suffix += 1
+        name = f"{base}_{suffix}"
+    used_names.add(name)
+    return name
+
+
+def tensor_shape(node: Node) -> tuple[int, ...] | None:
+    """The shape shape propagation recorded for ``node``, or None when unknown
+    (no example inputs, or not a single tensor)."""
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return None if shape is None else tuple(shape)

@@ -1,0 +1,175 @@
+"""The op vocabulary of the passes: which fx nodes are adds, activations,
+stochastic depth, shape reads and in-place writes.
+
+``find_residuals``, ``plan``, ``partition`` and ``emit`` ask these questions
+the same way by asking here; a new spelling of an op is added once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+from torch.fx.node import _get_qualified_name
+
+from revcompile.errors import PartitionError
+
+# ---------------------------------------------------------------- residual adds
+
+ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+ADD_METHODS = frozenset({"add", "add_"})
+
+
+def is_add(node: Node) -> bool:
+    """True for the add-like nodes revcompile recognises as possible joins."""
+    if node.op == "call_function":
+        return any(node.target is add for add in ADD_FUNCTIONS)
+    return node.op == "call_method" and node.target in ADD_METHODS
+
+
+# ---------------------------------------------------------------- activations
+
+ACTIVATION_NAMES = frozenset(
+    {
+        "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
+        "hardtanh", "leaky_relu", "elu", "selu", "celu", "mish", "softplus", "prelu",
+        "rrelu", "logsigmoid", "softsign", "tanhshrink", "threshold", "swish",
+        "leakyrelu", "logsoftmax", "softmax", "log_softmax", "softmin", "glu",
+    }
+)  # fmt: skip
+"""Nonlinearities, by function/method name or lower-cased module class name."""
+NOT_ELEMENTWISE = frozenset({"softmax", "log_softmax", "logsoftmax", "softmin", "glu"})
+
+
+def activation_name(gm: GraphModule, node: Node) -> str | None:
+    """The nonlinearity ``node`` applies (e.g. ``"relu"``), or None."""
+    if node.op == "call_module":
+        name = type(gm.get_submodule(node.target)).__name__.lower()
+        return name if name in ACTIVATION_NAMES else None
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+    elif node.op == "call_method":
+        name = node.target
+    else:
+        return None
+    name = name.rstrip("_")
+    return name if name in ACTIVATION_NAMES else None
+
+
+# ---------------------------------------------------------------- stochastic depth
+
+STOCHASTIC_DEPTH_CLASS_NAMES = frozenset({"DropPath", "StochasticDepth"})
+
+"""Per-sample scaling modules of other libraries (timm, torchvision.ops), by class name."""
+
+STOCHASTIC_DEPTH_FUNCTIONS = frozenset(
+    {"torchvision.ops.stochastic_depth.stochastic_depth", "timm.layers.drop.drop_path"}
+)
+"""Their functional forms (fx leaf functions), by qualified name."""
+
+# ---------------------------------------------------------------- metadata reads
+
+METADATA_METHODS = frozenset({"dim", "size", "ndimension", "numel", "nelement"})
+METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
+
+
+def reads_metadata_only(node: Node) -> bool:
+    """True for ops that read only the shape, dtype or device of their tensor
+    argument (``x.dim()``, ``x.shape``), never its values."""
+    if node.op == "call_method":
+        return node.target in METADATA_METHODS
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) == 2
+        and node.args[1] in METADATA_ATTRIBUTES
+    )
+
+
+# ---------------------------------------------------------------- in-place ops
+
+OUT_OF_PLACE_OPERATORS = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+
+
+def method_base(name: str) -> str:
+    """``relu_`` -> ``relu``; other names unchanged."""
+    if name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name[:-1]):
+        return name[:-1]
+    return name
+
+
+@cache
+def _inplace_position(fn: Callable[..., Any]) -> int | None:
+    """Position of an ``inplace`` parameter in ``fn``'s signature, if it has one."""
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
+
+
+def _out_of_place_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.relu_`` -> ``torch.relu``, ``F.relu_`` -> ``F.relu``, ``operator.iadd`` -> add."""
+    if fn in OUT_OF_PLACE_OPERATORS:
+        return OUT_OF_PLACE_OPERATORS[fn]
+    name = getattr(fn, "__name__", "")
+    if name.endswith("_") and not name.startswith("_"):
+        for namespace in (torch, F):
+            if getattr(namespace, name, None) is fn and hasattr(namespace, name[:-1]):
+                return getattr(namespace, name[:-1])
+    return fn
+
+
+def out_of_place(node: Node, gm: GraphModule) -> tuple[Any, tuple[Any, ...], dict[str, Any], bool]:
+    """The target, args and kwargs of an out-of-place version of ``node``.
+
+    Post: in-place variants (``relu_``, ``operator.iadd``, ``torch.sigmoid_``)
+    are replaced by their out-of-place versions and an ``inplace`` argument
+    (keyword or positional) is False; the flag says whether ``node`` wrote its
+    first argument (for modules: has ``inplace=True``, reset on the copy).
+    """
+    target, args, kwargs = node.target, node.args, dict(node.kwargs)
+    if node.op == "call_module":
+        return target, args, kwargs, getattr(gm.get_submodule(str(target)), "inplace", False)
+    if node.op == "call_method":
+        base = method_base(str(target))
+        return base, args, kwargs, base != target
+    if node.op != "call_function":
+        return target, args, kwargs, False
+    if target is operator.setitem:
+        raise PartitionError("in-place op operator.setitem in branch")
+    base = _out_of_place_function(target)
+    position = _inplace_position(base)
+    inplace = base is not target
+    if "inplace" in kwargs:
+        inplace |= bool(kwargs["inplace"])
+        kwargs["inplace"] = False
+    elif position is not None and position < len(args):
+        inplace |= bool(args[position])
+        args = (*args[:position], False, *args[position + 1 :])
+    return base, args, kwargs, inplace
+
+
+# ---------------------------------------------------------------- naming
+
+
+def op_name(node: Node) -> str:
+    """How an op is named in a reason: ``torch.flatten``, ``Tensor.view``, ``Flatten``."""
+    if node.op == "call_function":
+        return _get_qualified_name(node.target).replace("_operator.", "operator.")
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "call_module":
+        return type(node.graph.owning_module.get_submodule(node.target)).__name__
+    return node.op
