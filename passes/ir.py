@@ -13,6 +13,7 @@ from typing import Literal
 
 from torch.fx import Node
 
+from revcompile.conversion_report import KeptReason
 from revcompile.options import StageSplit
 
 ShortcutKind = Literal["identity", "projection"]
@@ -98,14 +99,14 @@ class Stage:
 
 @dataclass(eq=False)
 class BlockPlan:
-    """The fate of one residual block."""
+    """The fate of one residual block: ``reason`` (a code) and ``detail`` (the
+    specifics: which op, which reader, which shapes) say why a kept block is kept."""
 
     block: ResidualBlock
     fate: Fate
     stage: str | None = None
-    reason: str | None = None
-    halving_unsupported: bool = False
-    """Kept only because its branch cannot be halved: a duplicate stage could take it."""
+    reason: KeptReason | None = None
+    detail: str = ""
 
 
 @dataclass(eq=False)

@@ -39,7 +39,13 @@ from revcompile.passes.ops import reads_metadata_only
 from torch.fx import GraphModule, Node
 
 from revcompile import options
-from revcompile.conversion_report import BlockReport, ConversionReport, RejectedReport, StageReport
+from revcompile.conversion_report import (
+    BlockReport,
+    ConversionReport,
+    KeptReason,
+    RejectedReport,
+    StageReport,
+)
 from revcompile.options import Leftover, Split
 
 BranchCheck = Callable[[GraphModule, ResidualBlock], "str | None"]
@@ -47,13 +53,8 @@ BranchCheck = Callable[[GraphModule, ResidualBlock], "str | None"]
 channel halves (report wording, e.g. ``"unsupported op torch.flatten in
 branch"``), or None when it can."""
 
-PROJECTION = "projection shortcut"
-TAPPED = "branch output used outside the block"
-NESTED = "contains nested residual blocks"
-ODD_LEFTOVER = "odd leftover (leftover='half' makes it a half-coupling)"
-DUPLICATE_HINT = "; split='auto' or 'duplicate' converts it at full width"
-"""Appended in the report to the reason of a block kept only because its branch
-cannot be halved."""
+ODD_LEFTOVER_HINT = "leftover='half' makes it a half-coupling"
+DUPLICATE_HINT = "split='auto' or 'duplicate' converts it at full width"
 
 
 def plan(
@@ -74,8 +75,8 @@ def plan(
 
     Postconditions: ``Plan.blocks`` has exactly one BlockPlan per block, in the
     order of ``blocks``: fate ``F`` / ``G`` / ``half`` with its stage name, or
-    ``kept`` with a reason (``halving_unsupported`` when only the halving
-    check failed). Stages are in graph order with unique names that are valid
+    ``kept`` with a KeptReason and its detail (``NOT_HALVABLE`` when only the
+    halving check failed). Stages are in graph order with unique names that are valid
     attribute names not used by ``gm`` (``layer3_rev``), each with its split;
     couplings follow their chain's order. ``branch_check`` is not called
     with ``split="duplicate"``. ``gm`` is not modified.
@@ -89,20 +90,20 @@ def plan(
         for block in blocks
         if fates[block] is None and split != "duplicate"
     }
-    block_plans = {block: BlockPlan(block, "kept", reason=fates[block]) for block in blocks}
+    block_plans = {
+        block: BlockPlan(block, "kept", None, *(fates[block] or (None, ""))) for block in blocks
+    }
     if split == "halve":
         for block, reason in halving.items():
             if reason is not None:
-                block_plans[block] = BlockPlan(
-                    block, "kept", reason=reason, halving_unsupported=True
-                )
+                block_plans[block] = BlockPlan(block, "kept", None, KeptReason.NOT_HALVABLE, reason)
     candidates = [block for block in blocks if block_plans[block].reason is None]
     stages: list[Stage] = []
     used_names = set(dict(gm.named_modules())) | set(dir(gm))
     for chain in _chains(candidates):
         couplings = _pair(chain, leftover)
         if not couplings:
-            block_plans[chain[0]].reason = ODD_LEFTOVER
+            block_plans[chain[0]].reason = KeptReason.ODD_LEFTOVER
             continue
         name = _unique_stage_name(chain, used_names)
         stages.append(
@@ -115,7 +116,7 @@ def plan(
                 block_plans[coupling.f] = BlockPlan(coupling.f, "F", stage=name)
                 block_plans[coupling.g] = BlockPlan(coupling.g, "G", stage=name)
         if len(chain) % 2 and leftover == "store":
-            block_plans[chain[-1]].reason = ODD_LEFTOVER
+            block_plans[chain[-1]].reason = KeptReason.ODD_LEFTOVER
     return Plan(
         blocks=[block_plans[block] for block in blocks],
         stages=stages,
@@ -151,7 +152,8 @@ def report_from_plan(
                 shortcut=bp.block.shortcut,
                 fate=bp.fate,
                 stage=bp.stage,
-                reason=f"{bp.reason}{DUPLICATE_HINT}" if bp.halving_unsupported else bp.reason,
+                reason=_reason_text(bp),
+                code=None if bp.reason is None else bp.reason.value,
             )
             for bp in plan.blocks
         ],
@@ -184,13 +186,26 @@ def _shapes_known(gm: GraphModule) -> bool:
     return bool(placeholders) and all("tensor_meta" in node.meta for node in placeholders)
 
 
+def _reason_text(bp: BlockPlan) -> str | None:
+    """The report's words for why ``bp`` is kept."""
+    if bp.reason is None:
+        return None
+    if bp.reason is KeptReason.NOT_HALVABLE:
+        return f"{bp.detail}; {DUPLICATE_HINT}"
+    if bp.reason is KeptReason.ODD_LEFTOVER:
+        return f"{bp.reason.words} ({ODD_LEFTOVER_HINT})"
+    if bp.reason is KeptReason.BROADCAST:
+        return bp.detail
+    return f"{bp.reason.words} ({bp.detail})" if bp.detail else bp.reason.words
+
+
 def _kept_reason(
     block: ResidualBlock, blocks: list[ResidualBlock], shapes_known: bool
-) -> str | None:
-    """Why ``block`` must stay an ordinary residual block whatever the split;
-    None for a candidate."""
+) -> tuple[KeptReason, str] | None:
+    """Why ``block`` must stay an ordinary residual block whatever the split,
+    with the detail; None for a candidate."""
     if block.shortcut == "projection":
-        return PROJECTION
+        return KeptReason.PROJECTION, ""
     if block.tapped:
         inside = set(block.region) | {block.join}
         tapped = ", ".join(node.name for node in block.tapped)
@@ -200,18 +215,18 @@ def _kept_reason(
                 - {node.name for node in inside}
             )
         )
-        return f"{TAPPED} ({tapped} read by {readers})"
+        return KeptReason.TAPPED, f"{tapped} read by {readers}"
     region = set(block.region)
     nested = [other.name for other in blocks if other.join in region]
     if nested:
-        return f"{NESTED} ({', '.join(nested)})"
+        return KeptReason.NESTED, ", ".join(nested)
     if shapes_known:
         branch_shape, shortcut_shape = (
             tensor_shape(block.branch_out),
             tensor_shape(block.shortcut_out),
         )
         if branch_shape is not None and branch_shape != shortcut_shape:
-            return (
+            return KeptReason.BROADCAST, (
                 f"branch output shape {branch_shape} != shortcut shape {shortcut_shape} "
                 "(broadcasting add)"
             )

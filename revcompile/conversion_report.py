@@ -48,7 +48,8 @@ class BlockReport:
 
     ``fate`` is ``"F"`` / ``"G"`` (a branch of a coupling of stage ``stage``),
     ``"half"`` (a half-coupling) or ``"kept"`` (stays an ordinary residual
-    block; ``reason`` says why, e.g. ``"projection shortcut"``).
+    block; ``reason`` says why in words, e.g. ``"projection shortcut"``, and
+    ``code`` is the stable ``KeptReason`` value, e.g. ``"projection"``).
     """
 
     name: str
@@ -56,6 +57,7 @@ class BlockReport:
     fate: str
     stage: str | None = None
     reason: str | None = None
+    code: str | None = None
 
 
 @dataclass

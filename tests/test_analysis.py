@@ -12,13 +12,13 @@ import torch
 import torchvision
 from hypothesis import given
 from revcompile.passes.find_residuals import find_residuals
-from revcompile.passes.plan import ODD_LEFTOVER, PROJECTION, plan, report_from_plan
+from revcompile.passes.plan import plan, report_from_plan
 from revcompile.passes.shape_prop import propagate_shapes
 from revcompile.passes.trace import trace
 from strategies import GeneratedNet, build_model, residual_nets
 
 from revcompile.api import analyze, run_analysis
-from revcompile.conversion_report import ConversionReport
+from revcompile.conversion_report import ConversionReport, KeptReason
 from revcompile.errors import ConversionError
 
 
@@ -37,7 +37,7 @@ def _torchvision_stage_layout(report: ConversionReport, layers: tuple[int, ...])
     ]
     for block in report.blocks:
         if block.shortcut == "projection":
-            assert (block.fate, block.reason) == ("kept", PROJECTION)
+            assert (block.fate, block.code) == ("kept", KeptReason.PROJECTION.value)
     for stage in report.stages:
         assert stage.blocks == sorted(stage.blocks, key=list(by_name).index)
         fates = [by_name[name].fate for name in stage.blocks]
@@ -49,7 +49,8 @@ def _torchvision_stage_layout(report: ConversionReport, layers: tuple[int, ...])
             if b.name.startswith(f"layer{layer}.") and b.shortcut == "identity"
         ]
         if len(identity) % 2:
-            assert (identity[-1].fate, identity[-1].reason) == ("kept", ODD_LEFTOVER)
+            odd = KeptReason.ODD_LEFTOVER.value
+            assert (identity[-1].fate, identity[-1].code) == ("kept", odd)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +81,10 @@ def test_resnet50_and_resnet18_counts() -> None:
     assert [len(part) for part in _split(r50)] == [4, 12]
     assert [s.name for s in r50.stages] == ["layer1_rev", "layer2_rev", "layer3_rev", "layer4_rev"]
     assert [s.couplings for s in r50.stages] == [1, 1, 2, 1]
-    assert {b.name for b in r50.blocks if b.reason == ODD_LEFTOVER} == {"layer2.3", "layer3.5"}
+    assert {b.name for b in r50.blocks if b.code == KeptReason.ODD_LEFTOVER.value} == {
+        "layer2.3",
+        "layer3.5",
+    }
     r18 = analyze(torchvision.models.resnet18(weights=None))
     assert [len(part) for part in _split(r18)] == [3, 5]
     assert [b.fate for b in r18.blocks] == ["F", "G", "kept"] + ["kept", "kept"] * 2 + ["kept"]
@@ -118,7 +122,7 @@ def test_cifar_resnet164_bottleneck() -> None:
     assert projection == ["layer1.0", "layer2.0", "layer3.0"]
     assert len(identity) == 51
     assert [s.couplings for s in report.stages] == [8, 8, 8]
-    assert [b.name for b in report.blocks if b.reason == ODD_LEFTOVER] == [
+    assert [b.name for b in report.blocks if b.code == KeptReason.ODD_LEFTOVER.value] == [
         "layer1.17",
         "layer2.17",
         "layer3.17",
@@ -186,7 +190,7 @@ def test_feature_tap_block_is_kept() -> None:
     assert tapped.name == "block1" and tapped.fate == "kept"
     assert tapped.reason.startswith("branch output used outside the block")
     assert "aux_head" in tapped.reason
-    assert (clean.name, clean.fate, clean.reason) == ("block2", "kept", ODD_LEFTOVER)
+    assert (clean.name, clean.fate, clean.code) == ("block2", "kept", KeptReason.ODD_LEFTOVER.value)
 
 
 def test_constant_adds_are_rejected() -> None:
@@ -248,8 +252,9 @@ def test_half_leftover_and_branch_check() -> None:
     assert half.stages[0].couplings[-1].f_pre_op is blocks[1].post_op
     refuse = plan(gm, blocks, rejected, branch_check=lambda gm, block: "unsupported op x")
     assert refuse.stages == []
-    assert {bp.reason for bp in refuse.blocks if bp.block.shortcut == "identity"} == {
-        "unsupported op x"
+    identity_blocks = [bp for bp in refuse.blocks if bp.block.shortcut == "identity"]
+    assert {(bp.reason, bp.detail) for bp in identity_blocks} == {
+        (KeptReason.NOT_HALVABLE, "unsupported op x")
     }
     with pytest.raises(ValueError):
         plan(gm, blocks, rejected, branch_check=lambda gm, block: None, leftover="drop")
