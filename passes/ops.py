@@ -161,6 +161,18 @@ def out_of_place(node: Node, gm: GraphModule) -> tuple[Any, tuple[Any, ...], dic
     return base, args, kwargs, inplace
 
 
+def writes_in_place(node: Node, gm: GraphModule) -> bool:
+    """Whether ``node`` writes one of its arguments (``x.relu_()``, ``out += y``,
+    ``x[:, :c] = y``, ``F.relu(x, inplace=True)``, ``ReLU(inplace=True)``).
+
+    Such a node is a side effect: it must survive dead-code elimination even
+    when its result is unused, and later readers of the argument see the write.
+    """
+    if node.op == "call_function" and node.target is operator.setitem:
+        return True
+    return out_of_place(node, gm)[3]
+
+
 # ---------------------------------------------------------------- naming
 
 
