@@ -1,203 +1,28 @@
-"""Memory model: measured and symbolic activation memory of a training step.
+"""Symbolic saved activation bytes: an exact ``sympy`` formula in named input dimensions.
 
-Three quantities, from cheapest to most expensive (DESIGN.md §7):
-
-* :func:`saved_activation_bytes` -- bytes of the distinct storages autograd
-  keeps for backward after one training forward (parameters and buffers
-  excluded). Deterministic; measured in this process.
-* :func:`activation_memory_formula` -- the same quantity as an exact ``sympy``
-  expression in named input dimensions (batch, height, width), obtained by
-  running the forward once under a ``FakeTensorMode`` with symbolic sizes.
-  :func:`max_batch_size` answers "what is the largest batch that fits".
-* :func:`peak_step_memory` -- peak memory of one full training step (forward,
-  backward, optimizer step) measured in a fresh process: RSS high-water-mark
-  growth on CPU, ``torch.cuda.max_memory_allocated`` growth on CUDA. This is the
-  headline number (it includes gradients, temporaries and the transient peak of
-  recomputation); saved bytes are its deterministic companion.
-
-This module is runtime-level: it imports only torch, sympy and the standard
-library (never ``passes`` or ``revcompile.api``).
+:func:`activation_memory_formula` runs the forward once under a
+``FakeTensorMode`` with symbolic sizes and counts what
+:func:`revcompile.memory.saved.saved_activation_bytes` counts (the same pack
+hook); :func:`max_batch_size` answers "what is the largest batch that fits".
 """
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
 import warnings
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import sympy
 import torch
 import torch._refs
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-__all__ = [
-    "DEFAULT_DYNAMIC",
-    "activation_memory_formula",
-    "max_batch_size",
-    "peak_step_memory",
-    "saved_activation_bytes",
-]
+from revcompile.memory.saved import SavedStorageRecorder, storage_keys
 
 #: Default symbolic dimensions: batch, height and width of input 0 (NCHW).
 DEFAULT_DYNAMIC: dict[str, tuple[int, int]] = {"B": (0, 0), "H": (0, 2), "W": (0, 3)}
-
-
-# --------------------------------------------------------------------------
-# Saved-tensor accounting (shared by the real and the symbolic measurement)
-# --------------------------------------------------------------------------
-
-
-class _SavedStorageRecorder:
-    """``saved_tensors_hooks`` pack hook that records distinct saved storages.
-
-    Each saved tensor's untyped storage is recorded once, keyed by the address
-    of its ``StorageImpl`` (``StorageWeakRef.cdata``). Holding the weak
-    reference keeps that address from being reused by a later storage (the
-    intrusive weak count keeps the ``StorageImpl`` object allocated), so two
-    different storages never collide even if the first one is freed during the
-    forward. :meth:`live_nbytes` counts only storages that are still alive, i.e.
-    that autograd really keeps for backward at the end of the forward (a storage
-    saved by a part of the graph that was discarded during the forward is not
-    counted). Views count their whole storage, once.
-
-    The hook returns ``tensor.detach()`` (an alias of the same storage) so that
-    saving an op's own output does not create a reference cycle through its
-    ``grad_fn``; memory held is the same as without the hook.
-    """
-
-    def __init__(self, excluded: set[int]) -> None:
-        self._excluded = excluded
-        self._storages: dict[int, tuple[StorageWeakRef, Any]] = {}
-        # Tensors without an accessible storage (exotic subclasses): weakref + nbytes.
-        self._other: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        try:
-            storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError, TypeError):
-            key = id(tensor)
-            if key not in self._other:
-                self._other[key] = (weakref.ref(tensor), tensor.numel() * tensor.element_size())
-            return tensor
-        ref = StorageWeakRef(storage)
-        if ref.cdata not in self._excluded and ref.cdata not in self._storages:
-            self._storages[ref.cdata] = (ref, storage.nbytes())
-        # Outside any dispatch mode: under FakeTensorMode a real tensor (an RNG
-        # state saved by a custom Function) would otherwise be detached into a
-        # fake copy and its real storage would die.
-        with _disable_current_modes():
-            return tensor.detach()
-
-    @staticmethod
-    def unpack(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def live_nbytes(self) -> list[Any]:
-        """nbytes (int or SymInt) of every recorded storage still alive."""
-        sizes = [n for ref, n in self._storages.values() if not ref.expired()]
-        sizes += [n for ref, n in self._other.values() if ref() is not None]
-        return sizes
-
-    @contextlib.contextmanager
-    def hooks(self) -> Iterator[None]:
-        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
-            yield
-
-
-def _storage_keys(tensors: Iterator[torch.Tensor]) -> set[int]:
-    keys: set[int] = set()
-    # The StorageWeakRef objects are dropped at once, but the tensors (model
-    # parameters and buffers) stay alive, so the addresses stay valid.
-    for t in tensors:
-        with contextlib.suppress(RuntimeError, NotImplementedError, TypeError):
-            keys.add(StorageWeakRef(t.untyped_storage()).cdata)
-    return keys
-
-
-@contextlib.contextmanager
-def _restore_module_state(model: nn.Module, inputs: Sequence[Any]) -> Iterator[None]:
-    """Snapshot buffers (BatchNorm statistics, counters) and the RNG; restore on exit.
-
-    Buffers are restored in place (same tensor objects, values copied back) and
-    re-registered if the forward replaced them. The CPU RNG and the RNG of every
-    CUDA device holding a parameter, buffer or input are forked, so dropout in
-    the measured forward does not advance the global generators. Python-level
-    state a module mutates in ``forward`` (counters kept as plain attributes)
-    cannot be restored.
-    """
-    snapshot: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
-    for module in model.modules():
-        for name, buf in module._buffers.items():
-            if buf is not None:
-                snapshot.append((module, name, buf, buf.detach().clone()))
-    devices = {
-        t.device.index or 0
-        for t in [*model.parameters(), *model.buffers(), *pytree.tree_leaves(list(inputs))]
-        if isinstance(t, torch.Tensor) and t.device.type == "cuda"
-    }
-    try:
-        with torch.random.fork_rng(devices=sorted(devices)):
-            yield
-    finally:
-        with torch.no_grad():
-            for module, name, buf, saved in snapshot:
-                module._buffers[name] = buf
-                buf.copy_(saved)
-
-
-def saved_activation_bytes(model: nn.Module, *inputs: Any) -> int:
-    """Bytes of the distinct storages autograd saves during one training forward.
-
-    Runs ``model(*inputs)`` once with grad enabled, in the model's current mode
-    (call ``model.train()`` first for training numbers), under a
-    ``torch.autograd.graph.saved_tensors_hooks`` pack hook, and sums the
-    ``nbytes`` of the distinct untyped storages of the saved tensors that are
-    still alive when the forward returns (the forward output is kept alive for
-    the count, then dropped).
-
-    * Deduplicated by storage: a tensor saved by several ops, or several views of
-      one storage, count once, with the storage's full size.
-    * Storages of the model's parameters and buffers are excluded (they exist
-      whether or not anything is saved); input tensors that autograd saves (the
-      first convolution saves the network input) are included.
-    * Tensors saved through ``ctx.save_for_backward`` of custom autograd
-      Functions are seen, and so are the inputs that non-reentrant
-      ``torch.utils.checkpoint`` keeps (they are saved as ``SavedVariable`` in
-      the outer hook context); what checkpoint saves inside its region goes to
-      checkpoint's own hooks, is recomputed in backward, and is not counted.
-      Tensors stashed as plain attributes on ``ctx`` are invisible (as they are
-      to autograd's own accounting).
-
-    Side effects: none on the model -- buffers (BatchNorm running statistics,
-    ``num_batches_tracked``) are snapshot and restored, and the RNG is forked, so
-    measuring does not change what the next real step computes.
-
-    Args:
-        model: the network; left in its mode and state.
-        *inputs: positional inputs of ``model``.
-
-    Returns:
-        The number of bytes.
-    """
-    excluded = _storage_keys(iter([*model.parameters(), *model.buffers()]))
-    recorder = _SavedStorageRecorder(excluded)
-    with _restore_module_state(model, inputs), torch.enable_grad():
-        with recorder.hooks():
-            output = model(*inputs)
-        total = sum(int(n) for n in recorder.live_nbytes())
-        del output
-    return total
-
-
-# --------------------------------------------------------------------------
-# Symbolic formula
-# --------------------------------------------------------------------------
 
 
 class _RealWorldMode(TorchDispatchMode):
@@ -395,8 +220,7 @@ def activation_memory_formula(
         buffers = {
             name: fake_mode.from_tensor(b, static_shapes=True) for name, b in model.named_buffers()
         }
-        excluded = _storage_keys(iter([*params.values(), *buffers.values()]))
-        recorder = _SavedStorageRecorder(excluded)
+        recorder = SavedStorageRecorder(storage_keys([*params.values(), *buffers.values()]))
         cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with (
             torch.random.fork_rng(devices=cuda_devices),
@@ -442,11 +266,6 @@ def activation_memory_formula(
             f"saved bytes depend on symbols other than {sorted(dynamic)}: {sorted(map(str, extra))}"
         )
     return total
-
-
-# --------------------------------------------------------------------------
-# Largest batch
-# --------------------------------------------------------------------------
 
 
 def max_batch_size(
@@ -507,110 +326,3 @@ def max_batch_size(
         else:
             hi = mid
     return lo
-
-
-# --------------------------------------------------------------------------
-# Peak memory of a training step, in a fresh process
-# --------------------------------------------------------------------------
-
-
-def peak_step_memory(
-    factory: str | Callable[[], nn.Module],
-    input_shape: Sequence[int],
-    device: str = "cpu",
-    *,
-    loss: str = "sum",
-    warmup: bool = True,
-    timeout: float | None = None,
-) -> int:
-    """Peak memory growth of one training step, measured in a fresh process.
-
-    The step is: ``out = model(x)``; ``loss`` = sum of all floating outputs
-    (``loss="sum"``) or cross-entropy of 2-D logits against class 0
-    (``loss="cross_entropy"``); ``loss.backward()``; ``SGD(lr=1e-3).step()``
-    (plain SGD: no optimizer state). The model (from ``factory``, in ``train()``
-    mode, moved to ``device``), the input ``x = randn(input_shape)``, and the
-    optimizer exist before the baseline is taken. With ``warmup`` one identical
-    step runs first and gradients are then freed (``zero_grad(set_to_none=True)``),
-    so one-time costs (thread pools, kernel caches, lazy CUDA init) stay out of
-    the number: it is the steady-state step.
-
-    Measurement, in a process started with the ``spawn`` method (nothing from
-    this process's allocator state leaks in):
-
-    * CPU: peak RSS growth. On Linux the kernel's high-water mark ``VmHWM`` is
-      reset by writing ``5`` to ``/proc/self/clear_refs`` right before the step;
-      result = ``VmHWM`` after the step - ``VmRSS`` before it. glibc's mmap
-      threshold is pinned to 128 KiB with ``mallopt`` so that every tensor
-      larger than that is its own mapping, returned to the OS when freed: RSS
-      then follows live tensor memory instead of the heap's retained free
-      chunks. Where ``clear_refs`` is not writable the fallback is
-      ``ru_maxrss`` (lifetime peak) minus the RSS before the step, without
-      warm-up; it undercounts if something earlier peaked higher.
-      Resolution is 1 KiB; expect a few hundred KiB of noise.
-    * CUDA: ``torch.cuda.max_memory_allocated()`` after
-      ``reset_peak_memory_stats()``, minus ``memory_allocated()`` before the step
-      (the caching allocator's reserved-but-free memory is not counted).
-
-    Args:
-        factory: ``"package.module:function"`` (imported in the worker), or a
-            picklable zero-argument callable (a module-level function, a
-            ``functools.partial`` of one) returning the ``nn.Module``. A callable
-            defined in a script's ``__main__`` works when the script guards its
-            entry point with ``if __name__ == "__main__":`` (spawn re-imports it).
-        input_shape: shape of the single float32 input.
-        device: ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``).
-        loss: ``"sum"`` or ``"cross_entropy"``.
-        warmup: run one unmeasured step first.
-        timeout: seconds to wait for the worker (``None``: no limit).
-
-    Returns:
-        Peak growth in bytes.
-
-    Raises:
-        RuntimeError: the worker failed (its traceback is in the message), died
-            (e.g. killed for memory), or timed out.
-    """
-    from . import _peak_worker
-
-    if loss not in ("sum", "cross_entropy"):
-        raise ValueError(f"loss must be 'sum' or 'cross_entropy', got {loss!r}")
-    if not isinstance(factory, str) and not callable(factory):
-        raise TypeError("factory must be a 'module:function' string or a zero-arg callable")
-    request = {
-        "factory": factory,
-        "input_shape": [int(s) for s in input_shape],
-        "device": str(device),
-        "loss": loss,
-        "warmup": bool(warmup),
-    }
-    ctx = multiprocessing.get_context("spawn")
-    receiver, sender = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_peak_worker.child_main, args=(request, sender), daemon=True)
-    try:
-        process.start()
-    except Exception as exc:  # pickling the factory fails here
-        raise RuntimeError(f"peak_step_memory: could not start the worker: {exc!r}") from exc
-    finally:
-        sender.close()
-    try:
-        if not receiver.poll(timeout):
-            raise RuntimeError(f"peak_step_memory: worker timed out after {timeout} s")
-        try:
-            result = receiver.recv()
-        except EOFError:
-            process.join(10)
-            raise RuntimeError(
-                f"peak_step_memory: worker died without a result (exit code {process.exitcode}; "
-                "a negative code is the signal, -9 usually means killed for memory)"
-            ) from None
-    finally:
-        receiver.close()
-        if process.is_alive():
-            process.join(10)
-        if process.is_alive():
-            process.kill()
-            process.join()
-    if "error" in result:
-        raise RuntimeError(f"peak_step_memory: worker failed:\n{result['error']}")
-    return int(result["peak_bytes"])
