@@ -121,11 +121,11 @@ class _ScaledStage(nn.Module):
 
 def reversible_stage() -> nn.Module:
     """Factory: 8 couplings of half-width basic-block branches on 16 channels."""
-    from benchmarks.cifar import residual_function
     from revcompile import AdditiveCoupling, ReversibleSequence
 
     couplings = [
-        AdditiveCoupling(residual_function(8, 8), residual_function(8, 8)) for _ in range(8)
+        AdditiveCoupling(models.residual_function(8, 8), models.residual_function(8, 8))
+        for _ in range(8)
     ]
     return _ScaledStage(ReversibleSequence(couplings))
 
