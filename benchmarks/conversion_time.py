@@ -25,7 +25,6 @@ import argparse
 import cProfile
 import pstats
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from benchmarks.lib.environment import machine_line
 from benchmarks.lib.plots import pyplot, save_figure
-from benchmarks.lib.results import RESULTS_DIR, Run, print_table, seconds
+from benchmarks.lib.results import Run, add_results_dir, print_table, seconds
 
 TARGET_S = 2.0
 TARGET_MODEL = "resnet152"
@@ -92,7 +91,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="resnet50 only, 2 repeats")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    add_results_dir(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.repeats = ["resnet50"], 2
@@ -104,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import revcompile
 
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    run = Run.start(
-        "conversion_time", argv, device="cpu", quick=args.quick, results_dir=args.results_dir
-    )
+    args, run = Run.from_command_line("conversion_time", parse_args, argv)
     meta = run.meta
     meta["config"] = {"models": args.models, "warmup": args.warmup, "repeats": args.repeats}
     meta["target"] = f"{TARGET_MODEL} convert (analysis + rewrite) < {TARGET_S} s"

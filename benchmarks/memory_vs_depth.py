@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from benchmarks.lib.environment import machine_line
 from benchmarks.lib.matrix import MatrixConfig, run_matrix
 from benchmarks.lib.plots import pyplot, save_figure
-from benchmarks.lib.results import RESULTS_DIR, Run, mib, print_table
+from benchmarks.lib.results import Run, add_results_dir, mib, print_table
 from benchmarks.lib.specs import parse_spec
 
 DEPTHS = (3, 9, 18, 54, 100)
@@ -67,7 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="write the table and plot from the saved results JSON (e.g. of a stopped run)",
     )
     parser.add_argument("--quick", action="store_true", help="n = 3, 9 at batch 16")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    add_results_dir(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.depths, args.batch = [3, 9], 16
@@ -75,11 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    run = Run.start(
-        "memory_vs_depth", argv, device=args.device, quick=args.quick, results_dir=args.results_dir
-    )
+    args, run = Run.from_command_line("memory_vs_depth", parse_args, argv)
     meta = run.meta
     meta["config"] = {
         "depths_n": args.depths,
@@ -206,11 +201,8 @@ def _plot(rows: list[dict[str, Any]], args: argparse.Namespace, stem: Path, meta
         ax.grid(True, which="both", alpha=0.3)
     # With --no-peak the left panel is empty: put the legend where the lines are.
     next((ax for ax in axes if ax.lines), axes[0]).legend(fontsize=8)
-    fig.suptitle(
-        f"CIFAR ResNets, batch {args.batch}, {args.device} — {machine_line(meta['machine'])}",
-        fontsize=9,
-    )
-    save_figure(fig, stem)
+    machine = machine_line(meta["machine"])
+    save_figure(fig, stem, f"CIFAR ResNets, batch {args.batch}, {args.device} — {machine}")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +28,16 @@ from tqdm import tqdm
 from benchmarks.lib.environment import machine_line
 from benchmarks.lib.measure import interleaved_times, saved_bytes
 from benchmarks.lib.plots import pyplot, save_figure
-from benchmarks.lib.results import RESULTS_DIR, Run, error_text, mib, print_table, ratio, seconds
+from benchmarks.lib.results import (
+    Run,
+    add_results_dir,
+    error_text,
+    fixed,
+    mib,
+    print_table,
+    ratio,
+    seconds,
+)
 from benchmarks.lib.variants import ReferenceMode
 from revcompile.memory import peak_step_memory
 from revcompile.memory.fresh_process import FreshProcessError
@@ -67,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--no-peak", action="store_true", help="skip peak step memory")
     parser.add_argument("--quick", action="store_true", help="small smoke-test configuration")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    add_results_dir(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.couplings, args.batch, args.warmup, args.repeats = 4, 8, 1, 3
@@ -75,11 +82,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    run = Run.start(
-        "runtime_overhead", argv, device=args.device, quick=args.quick, results_dir=args.results_dir
-    )
+    args, run = Run.from_command_line("runtime_overhead", parse_args, argv)
     meta = run.meta
     meta["notes"] = [
         f"{args.warmup} warm-up round(s), median of {args.repeats} timed rounds, the two "
@@ -152,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         + [
             [
                 "ratio reversible / reference",
-                _fmt_ratio(summary["time_ratio"]),
-                _fmt_ratio(summary["saved_bytes_ratio"]),
-                _fmt_ratio(summary["peak_ratio"]),
+                fixed(summary["time_ratio"], 3),
+                fixed(summary["saved_bytes_ratio"], 3),
+                fixed(summary["peak_ratio"], 3),
             ]
         ],
     )
@@ -162,14 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     _plot(rows, summary, run.stem, args)
     verdict = "met" if summary["time_target_met"] else "MISSED"
     print(
-        f"time ratio {_fmt_ratio(summary['time_ratio'])} (target <= {TARGET_TIME_RATIO}: {verdict})"
+        f"time ratio {fixed(summary['time_ratio'], 3)} (target <= {TARGET_TIME_RATIO}: {verdict})"
     )
     run.report()
     return 0
-
-
-def _fmt_ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], stem: Any, args: Any) -> None:
@@ -182,7 +181,7 @@ def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], stem: Any, args: 
             left.bar(i, r["median_s"], alpha=0.6)
     left.set_xticks(range(len(names)), names)
     left.set_ylabel("training step time (s)")
-    left.set_title(f"time ratio {_fmt_ratio(summary['time_ratio'])} (target <= 1.40)")
+    left.set_title(f"time ratio {fixed(summary['time_ratio'], 3)} (target <= 1.40)")
     width = 0.4
     saved = [r["saved_bytes"] / 2**20 for r in rows]
     peak = [r.get("peak_step_bytes", 0) / 2**20 for r in rows]

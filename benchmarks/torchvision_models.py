@@ -32,14 +32,21 @@ default conversion lowest in peak step memory of all variants.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 from benchmarks.lib.environment import machine_line
 from benchmarks.lib.matrix import MatrixConfig, run_matrix
 from benchmarks.lib.plots import pyplot, save_figure
-from benchmarks.lib.results import RESULTS_DIR, Run, mib, print_table, ratio, seconds
+from benchmarks.lib.results import (
+    Run,
+    add_results_dir,
+    fixed,
+    mib,
+    print_table,
+    ratio,
+    seconds,
+)
 from benchmarks.lib.variants import COMPILE_ACTIVATION_BUDGET
 
 MODELS = ("resnet50", "resnet101", "resnet152")
@@ -69,7 +76,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--peak-timeout", type=float, default=600.0)
     parser.add_argument("--compile-timeout", type=float, default=300.0)
     parser.add_argument("--quick", action="store_true", help="resnet50, batch 2, 1 repeat")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    add_results_dir(parser)
     args = parser.parse_args(argv)
     if args.batch is None:
         args.batch = 64 if args.device.startswith("cuda") else 8
@@ -79,15 +86,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    run = Run.start(
-        "torchvision_models",
-        argv,
-        device=args.device,
-        quick=args.quick,
-        results_dir=args.results_dir,
-    )
+    args, run = Run.from_command_line("torchvision_models", parse_args, argv)
     meta = run.meta
     meta["config"] = {
         "models": args.models,
@@ -127,16 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     _plot(rows, args, run.stem, meta)
     for model, entry in meta["summary"].items():
         print(
-            f"{model}: time revcompile/reference {_fmt(entry.get('time_ratio_vs_reference'))} "
+            f"{model}: time revcompile/reference {fixed(entry.get('time_ratio_vs_reference'))} "
             f"(target <= {TARGET_TIME_RATIO}); default lowest peak: "
             f"{entry.get('default_lowest_peak')} (lowest other: {entry.get('lowest_other_peak')})"
         )
     run.report()
     return 0
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _summary(rows: list[dict[str, Any]], models: list[str]) -> dict[str, Any]:
@@ -182,11 +177,11 @@ def _table(rows: list[dict[str, Any]], model: str, args: argparse.Namespace, met
             [
                 r["variant"],
                 mib(r.get("peak_step_bytes")),
-                _fmt(r.get("peak_ratio_vs_original")),
+                fixed(r.get("peak_ratio_vs_original")),
                 mib(r.get("saved_bytes")),
-                _fmt(r.get("saved_ratio_vs_original"), 3),
+                fixed(r.get("saved_ratio_vs_original"), 3),
                 seconds(r.get("median_s")),
-                _fmt(r.get("time_ratio_vs_original")),
+                fixed(r.get("time_ratio_vs_original")),
                 ("peak failed: " + r["peak_error"][:60]) if "peak_error" in r else "",
             ]
         )
@@ -233,11 +228,8 @@ def _plot(rows: list[dict[str, Any]], args: argparse.Namespace, stem: Path, meta
         ax.set_ylabel(label)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(
-        f"torchvision ResNets, batch {args.batch}, 224x224 — {machine_line(meta['machine'])}",
-        fontsize=9,
-    )
-    save_figure(fig, stem)
+    machine = machine_line(meta["machine"])
+    save_figure(fig, stem, f"torchvision ResNets, batch {args.batch}, 224x224 — {machine}")
 
 
 if __name__ == "__main__":

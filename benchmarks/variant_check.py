@@ -15,14 +15,12 @@ reported as skipped; one that fails, with its error. Isolated variants
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.lib.environment import machine_line, peer_status
-from benchmarks.lib.results import RESULTS_DIR, Run, error_text, print_table
+from benchmarks.lib.results import Run, add_results_dir, error_text, print_table
 from benchmarks.lib.specs import input_chw
 from benchmarks.lib.variants import ISOLATED_VARIANTS, VARIANTS, build, skip_reason
 from revcompile.memory.step import training_step
@@ -57,14 +55,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--variants", nargs="+", default=list(EAGER_VARIANTS), choices=EAGER_VARIANTS
     )
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    add_results_dir(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    run = Run.start("variant_check", argv, device="cpu", quick=False, results_dir=args.results_dir)
+    args, run = Run.from_command_line("variant_check", parse_args, argv)
     run.meta["config"] = {"spec": args.spec, "batch": args.batch, "lr": LEARNING_RATE}
     peers = peer_status()
     rows: list[dict[str, Any]] = []

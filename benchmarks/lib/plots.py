@@ -16,10 +16,12 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, stem: Path) -> Path:
-    """Write ``<stem>.png`` and close the figure."""
+def save_figure(fig: Any, stem: Path, title: str | None = None) -> Path:
+    """Write ``<stem>.png`` (with ``title`` as the figure's small suptitle) and close it."""
     import matplotlib.pyplot as plt
 
+    if title is not None:
+        fig.suptitle(title, fontsize=9)
     path = stem.with_suffix(".png")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

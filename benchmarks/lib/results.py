@@ -7,12 +7,13 @@ peers, load) and where the files go.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,14 +38,24 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
-    def start(
-        cls, script: str, argv: Sequence[str], *, device: str, quick: bool, results_dir: Path
-    ) -> Run:
-        """Metadata of a run of ``python -m benchmarks.<script> <argv>``.
+    def from_command_line(
+        cls,
+        script: str,
+        parse_args: Callable[[list[str]], argparse.Namespace],
+        argv: list[str] | None,
+    ) -> tuple[argparse.Namespace, Run]:
+        """Parse ``argv`` (default ``sys.argv[1:]``) and start the run of ``benchmarks.<script>``.
 
-        The stem is ``<results_dir>/<script>[_cuda][_quick]``: quick runs never
-        overwrite full ones, CUDA runs never overwrite CPU ones.
+        The parsed arguments have ``results_dir`` (see :func:`add_results_dir`),
+        and ``device`` and ``quick`` where the script has those options
+        (default ``"cpu"``, False). The stem is
+        ``<results_dir>/<script>[_cuda][_quick]``: quick runs never overwrite
+        full ones, CUDA runs never overwrite CPU ones.
         """
+        argv = sys.argv[1:] if argv is None else argv
+        args = parse_args(argv)
+        device = getattr(args, "device", "cpu")
+        quick = getattr(args, "quick", False)
         suffix = "" if device == "cpu" else "_" + device.split(":")[0]
         meta = {
             "script": script,
@@ -55,7 +66,8 @@ class Run:
             "load_average_start": load_average(),
             "python_executable": sys.executable,
         }
-        return cls(Path(results_dir) / f"{script}{suffix}{'_quick' if quick else ''}", meta)
+        stem = Path(args.results_dir) / f"{script}{suffix}{'_quick' if quick else ''}"
+        return args, cls(stem, meta)
 
     def finish(self) -> dict[str, Any]:
         """Record the load at the end and the wall-clock duration; return ``meta``."""
@@ -82,6 +94,16 @@ class Run:
         start, end = self.meta["load_average_start"], self.meta["load_average_end"]
         print(f"load average start {start} end {end}")
         print(f"wrote {self.stem}.{{csv,json,md,png}}")
+
+
+def add_results_dir(parser: argparse.ArgumentParser) -> None:
+    """The ``--results-dir`` option every script has (tests point it at a temporary folder)."""
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help="where the results files go (default: benchmarks/results)",
+    )
 
 
 def write_results(stem: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -118,9 +140,14 @@ def mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f}"
 
 
+def fixed(value: float | None, digits: int = 2) -> str:
+    """A number with ``digits`` decimals for tables (ratios); ``-`` for missing."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def seconds(s: float | None) -> str:
     """Seconds for tables; ``-`` for missing."""
-    return "-" if s is None else f"{s:.3f}"
+    return fixed(s, 3)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
