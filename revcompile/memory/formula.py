@@ -153,66 +153,18 @@ def activation_memory_formula(
         A sympy expression in ``Symbol(name, integer=True, positive=True)``.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import (
-        DimDynamic,
-        ShapeEnv,
-        StatelessSymbolicContext,
-    )
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     inputs = list(example_inputs)
     dynamic = dict(DEFAULT_DYNAMIC if dynamic is None else dynamic)
-    per_input: dict[int, dict[int, str]] = {}
-    for name, (index, dim) in dynamic.items():
-        if not (0 <= index < len(inputs)) or not isinstance(inputs[index], torch.Tensor):
-            raise ValueError(f"dynamic[{name!r}]: input {index} is not a tensor input")
-        tensor = inputs[index]
-        if not (-tensor.dim() <= dim < tensor.dim()):
-            raise ValueError(
-                f"dynamic[{name!r}]: input {index} has {tensor.dim()} dims, no dim {dim}"
-            )
-        dim %= tensor.dim()
-        if tensor.shape[dim] < 2:
-            raise ValueError(
-                f"dynamic[{name!r}]: example size {tensor.shape[dim]} must be >= 2 "
-                "(sizes 0 and 1 are specialized by PyTorch's symbolic shapes)"
-            )
-        if dim in per_input.setdefault(index, {}):
-            raise ValueError(f"dynamic[{name!r}]: dim {dim} of input {index} named twice")
-        per_input[index][dim] = name
+    per_input = _named_dimensions(inputs, dynamic)
 
     shape_env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
     fake_mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
-
-    named_symbols: dict[str, sympy.Symbol] = {}
-    fake_inputs: list[Any] = []
     with fake_mode:
-        for index, value in enumerate(inputs):
-            if not isinstance(value, torch.Tensor):
-                fake_inputs.append(value)
-                continue
-            dims = per_input.get(index, {})
-            context = StatelessSymbolicContext(
-                dynamic_sizes=[
-                    DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC
-                    for d in range(value.dim())
-                ]
-            )
-            fake = fake_mode.from_tensor(value, symbolic_context=context)
-            # A fresh storage: nbytes of a fakified real tensor is memoized from
-            # the real storage (concrete); a clone's is symbolic, like a freshly
-            # allocated input of another size.
-            with torch.no_grad():
-                fake = fake.clone()
-            fake.requires_grad_(value.requires_grad)
-            for d, name in dims.items():
-                size = fake.shape[d]
-                if not isinstance(size, torch.SymInt):
-                    raise RuntimeError(f"dimension {name!r} did not become symbolic")
-                named_symbols[name] = size.node.expr
-            fake_inputs.append(fake)
-
+        fake_inputs, named_symbols = _symbolic_inputs(fake_mode, inputs, per_input)
         params = {
             name: fake_mode.from_tensor(p, static_shapes=True)
             for name, p in model.named_parameters()
@@ -233,7 +185,85 @@ def activation_memory_formula(
         del output
 
     total = sympy.Add(*[shape_env.replace(_as_sympy(n)) for n in sizes])
+    return _in_named_symbols(total, shape_env, named_symbols)
 
+
+def _named_dimensions(
+    inputs: list[Any], dynamic: dict[str, tuple[int, int]]
+) -> dict[int, dict[int, str]]:
+    """``dynamic`` checked against the example inputs, as input index -> dim -> name.
+
+    Raises:
+        ValueError: a named input is not a tensor, has no such dim, has an
+            example size below 2, or a dim is named twice.
+    """
+    per_input: dict[int, dict[int, str]] = {}
+    for name, (index, dim) in dynamic.items():
+        if not (0 <= index < len(inputs)) or not isinstance(inputs[index], torch.Tensor):
+            raise ValueError(f"dynamic[{name!r}]: input {index} is not a tensor input")
+        tensor = inputs[index]
+        if not (-tensor.dim() <= dim < tensor.dim()):
+            raise ValueError(
+                f"dynamic[{name!r}]: input {index} has {tensor.dim()} dims, no dim {dim}"
+            )
+        dim %= tensor.dim()
+        if tensor.shape[dim] < 2:
+            raise ValueError(
+                f"dynamic[{name!r}]: example size {tensor.shape[dim]} must be >= 2 "
+                "(sizes 0 and 1 are specialized by PyTorch's symbolic shapes)"
+            )
+        if dim in per_input.setdefault(index, {}):
+            raise ValueError(f"dynamic[{name!r}]: dim {dim} of input {index} named twice")
+        per_input[index][dim] = name
+    return per_input
+
+
+def _symbolic_inputs(
+    fake_mode: Any, inputs: list[Any], per_input: dict[int, dict[int, str]]
+) -> tuple[list[Any], dict[str, sympy.Symbol]]:
+    """Fake copies of the inputs with the named dims symbolic, and each name's symbol.
+
+    Precondition: called inside ``fake_mode``. Non-tensor inputs pass unchanged.
+    """
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
+    named_symbols: dict[str, sympy.Symbol] = {}
+    fake_inputs: list[Any] = []
+    for index, value in enumerate(inputs):
+        if not isinstance(value, torch.Tensor):
+            fake_inputs.append(value)
+            continue
+        dims = per_input.get(index, {})
+        context = StatelessSymbolicContext(
+            dynamic_sizes=[
+                DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC for d in range(value.dim())
+            ]
+        )
+        fake = fake_mode.from_tensor(value, symbolic_context=context)
+        # A fresh storage: nbytes of a fakified real tensor is memoized from
+        # the real storage (concrete); a clone's is symbolic, like a freshly
+        # allocated input of another size.
+        with torch.no_grad():
+            fake = fake.clone()
+        fake.requires_grad_(value.requires_grad)
+        for d, name in dims.items():
+            size = fake.shape[d]
+            if not isinstance(size, torch.SymInt):
+                raise RuntimeError(f"dimension {name!r} did not become symbolic")
+            named_symbols[name] = size.node.expr
+        fake_inputs.append(fake)
+    return fake_inputs, named_symbols
+
+
+def _in_named_symbols(
+    total: sympy.Expr, shape_env: Any, named_symbols: dict[str, sympy.Symbol]
+) -> sympy.Expr:
+    """``total`` in plain sympy over ``Symbol(name, integer=True, positive=True)``.
+
+    Raises:
+        ValueError: the model specialized a named dimension to a constant.
+        RuntimeError: ``total`` depends on symbols other than the named ones.
+    """
     # Named dimensions must stay free symbols.
     rename: dict[sympy.Symbol, sympy.Symbol] = {}
     for name, sym in named_symbols.items():
@@ -256,14 +286,15 @@ def activation_memory_formula(
             "these hold): "
             + "; ".join(constraints[:5])
             + ("; ..." if len(constraints) > 5 else ""),
-            stacklevel=2,
+            stacklevel=3,  # the caller of activation_memory_formula
         )
     total = total.xreplace(rename)
     total = sympy.expand(_torch_sympy_to_plain(total))
     extra = total.free_symbols - set(rename.values())
     if extra:
         raise RuntimeError(
-            f"saved bytes depend on symbols other than {sorted(dynamic)}: {sorted(map(str, extra))}"
+            f"saved bytes depend on symbols other than {sorted(named_symbols)}: "
+            f"{sorted(map(str, extra))}"
         )
     return total
 
