@@ -69,11 +69,10 @@ class Run:
         stem = Path(args.results_dir) / f"{script}{suffix}{'_quick' if quick else ''}"
         return args, cls(stem, meta)
 
-    def finish(self) -> dict[str, Any]:
-        """Record the load at the end and the wall-clock duration; return ``meta``."""
+    def finish(self) -> None:
+        """Record the load at the end and the wall-clock duration in ``meta``."""
         self.meta["load_average_end"] = load_average()
         self.meta["wall_s"] = round(time.perf_counter() - self.started, 1)
-        return self.meta
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         """``<stem>.csv`` (one line per row) and ``<stem>.json`` (meta + rows)."""
