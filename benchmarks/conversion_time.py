@@ -25,7 +25,6 @@ import argparse
 import cProfile
 import pstats
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from benchmarks import _common as common
+from benchmarks.lib.environment import machine_line
+from benchmarks.lib.plots import pyplot, save_figure
+from benchmarks.lib.results import Run, add_results_dir, print_table, seconds
 
 TARGET_S = 2.0
 TARGET_MODEL = "resnet152"
@@ -90,6 +91,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="resnet50 only, 2 repeats")
+    add_results_dir(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.repeats = ["resnet50"], 2
@@ -101,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import revcompile
 
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    started = time.perf_counter()
-    meta = common.base_meta("conversion_time", argv, "cpu")
+    args, run = Run.from_command_line("conversion_time", parse_args, argv)
+    meta = run.meta
     meta["config"] = {"models": args.models, "warmup": args.warmup, "repeats": args.repeats}
     meta["target"] = f"{TARGET_MODEL} convert (analysis + rewrite) < {TARGET_S} s"
 
@@ -140,13 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         "resnet152_convert_s": target_rows[0]["convert_guessed_s"] if target_rows else None,
         "target_met": bool(target_rows) and target_rows[0]["convert_guessed_s"] < TARGET_S,
     }
-    common.finish_meta(meta, started)
-    stem = common.result_stem("conversion_time", quick=args.quick, device="cpu")
-    common.write_results(stem, rows, meta)
+    run.finish()
+    run.write(rows)
 
-    markdown = common.print_table(
-        f"revcompile.convert time (median of {args.repeats}) — "
-        f"{common.machine_line(meta['machine'])}",
+    markdown = print_table(
+        f"revcompile.convert time (median of {args.repeats}) — {machine_line(meta['machine'])}",
         [
             "model",
             "convert (s)",
@@ -158,23 +156,22 @@ def main(argv: list[str] | None = None) -> int:
         [
             [
                 r["model"],
-                common.seconds(r["convert_guessed_s"]),
-                common.seconds(r["convert_example_s"]),
-                common.seconds(r["analyze_guessed_s"]),
-                common.seconds(r["rewrite_s"]),
+                seconds(r["convert_guessed_s"]),
+                seconds(r["convert_example_s"]),
+                seconds(r["analyze_guessed_s"]),
+                seconds(r["rewrite_s"]),
                 _top_phases(r["phases_fraction"]),
             ]
             for r in rows
         ],
     )
-    stem.with_suffix(".md").write_text(markdown + "\n")
-    _plot(rows, stem)
+    run.write_markdown([markdown])
+    _plot(rows, run.stem)
     summary = meta["summary"]
     if summary["resnet152_convert_s"] is not None:
         verdict = "met" if summary["target_met"] else "MISSED"
         print(f"resnet152 convert {summary['resnet152_convert_s']:.2f} s (target < 2 s: {verdict})")
-    print(f"load average start {meta['load_average_start']} end {meta['load_average_end']}")
-    print(f"wrote {stem}.{{csv,json,md,png}}")
+    run.report()
     return 0
 
 
@@ -184,7 +181,7 @@ def _top_phases(fractions: dict[str, float], count: int = 3) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], stem: Path) -> None:
-    plt = common.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = sorted({phase for r in rows for phase in r["phases_fraction"]})
     bottoms = [0.0] * len(rows)
@@ -206,7 +203,7 @@ def _plot(rows: list[dict[str, Any]], stem: Path) -> None:
     ax.set_ylabel("seconds")
     ax.set_title("revcompile.convert: analysis + rewrite (phases from cProfile, scaled)")
     ax.legend(fontsize=7, loc="upper left")
-    common.save_figure(fig, stem)
+    save_figure(fig, stem)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,15 @@ saved bytes undercount; peak step memory is the comparable number.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import _common as common
+from benchmarks.lib.environment import machine_line
+from benchmarks.lib.matrix import MatrixConfig, run_matrix
+from benchmarks.lib.plots import pyplot, save_figure
+from benchmarks.lib.results import Run, add_results_dir, mib, print_table
+from benchmarks.lib.specs import parse_spec
 
 DEPTHS = (3, 9, 18, 54, 100)
 VARIANTS = (
@@ -65,6 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="write the table and plot from the saved results JSON (e.g. of a stopped run)",
     )
     parser.add_argument("--quick", action="store_true", help="n = 3, 9 at batch 16")
+    add_results_dir(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.depths, args.batch = [3, 9], 16
@@ -72,10 +74,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    started = time.perf_counter()
-    meta = common.base_meta("memory_vs_depth", argv, args.device)
+    args, run = Run.from_command_line("memory_vs_depth", parse_args, argv)
+    meta = run.meta
     meta["config"] = {
         "depths_n": args.depths,
         "batch": args.batch,
@@ -92,32 +92,33 @@ def main(argv: list[str] | None = None) -> int:
         "memcnn_revnet / revlib_revnet: a RevNet of the same depth (identity blocks become "
         "couplings of two half-width residual functions, shape-changing blocks stay).",
     ]
-    stem = common.result_stem("memory_vs_depth", quick=args.quick, device=args.device)
     if args.render:
-        return _render_saved(stem, args)
-    rows = common.run_matrix(
-        [f"cifar-n{n}" for n in args.depths],
-        args.variants,
+        return _render_saved(run.stem, args)
+    config = MatrixConfig(
+        specs=tuple(f"cifar-n{n}" for n in args.depths),
+        variants=tuple(args.variants),
         batch=args.batch,
         device=args.device,
-        warmup=0,
-        repeats=0,
         peak=not args.no_peak,
         peak_timeout=args.peak_timeout,
         isolated_timeout=args.peak_timeout,
-        on_spec_done=functools.partial(common.write_partial, stem, meta),
     )
-    for row in rows:
-        row["n"] = common.parse_spec(row["model"])[1]
-        row["depth"] = 6 * row["n"] + 2
+    rows = run_matrix(config, on_spec_done=run.write_partial)
+    _add_depth(rows)
     meta["summary"] = _growth(rows, args.depths)
-    common.finish_meta(meta, started)
+    run.finish()
 
-    common.write_results(stem, rows, meta)
-    _write_table_and_plot(rows, args, stem, meta)
-    print(f"load average start {meta['load_average_start']} end {meta['load_average_end']}")
-    print(f"wrote {stem}.{{csv,json,md,png}}")
+    run.write(rows)
+    _write_table_and_plot(rows, args, run.stem, meta)
+    run.report()
     return 0
+
+
+def _add_depth(rows: list[dict[str, Any]]) -> None:
+    """``n`` (blocks per stage) and ``depth`` (6n + 2) of every row."""
+    for row in rows:
+        row["n"] = parse_spec(row["model"])[1]
+        row["depth"] = 6 * row["n"] + 2
 
 
 def _write_table_and_plot(
@@ -135,9 +136,7 @@ def _render_saved(stem: Path, args: argparse.Namespace) -> int:
     """Table and plot of the depths whose every variant finished in the saved run."""
     saved = json.loads(stem.with_suffix(".json").read_text())
     rows = saved["rows"]
-    for row in rows:
-        row["n"] = common.parse_spec(row["model"])[1]
-        row["depth"] = 6 * row["n"] + 2
+    _add_depth(rows)
     done = {v: {r["n"] for r in rows if r["variant"] == v} for v in args.variants}
     args.depths = [n for n in args.depths if all(n in ns for ns in done.values())]
     _write_table_and_plot(rows, args, stem, saved["meta"])
@@ -150,15 +149,15 @@ def _cell(row: dict[str, Any], key: str) -> str:
         return "skipped"
     if "error" in row or (key == "peak_step_bytes" and "peak_error" in row):
         return "failed"
-    return common.mib(row.get(key))
+    return mib(row.get(key))
 
 
 def _table(
     rows: list[dict[str, Any]], args: argparse.Namespace, key: str, title: str, meta: dict
 ) -> str:
     by = {(r["variant"], r["n"]): r for r in rows}
-    return common.print_table(
-        f"{title}, CIFAR ResNet batch {args.batch} — {common.machine_line(meta['machine'])}",
+    return print_table(
+        f"{title}, CIFAR ResNet batch {args.batch} — {machine_line(meta['machine'])}",
         ["variant"] + [f"n={n} (depth {6 * n + 2})" for n in args.depths],
         [[v] + [_cell(by[(v, n)], key) for n in args.depths] for v in args.variants],
     )
@@ -181,7 +180,7 @@ def _growth(rows: list[dict[str, Any]], depths: list[int]) -> dict[str, Any]:
 
 
 def _plot(rows: list[dict[str, Any]], args: argparse.Namespace, stem: Path, meta: dict) -> None:
-    plt = common.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, label in (
         (axes[0], "peak_step_bytes", "peak step memory (MiB)"),
@@ -202,12 +201,8 @@ def _plot(rows: list[dict[str, Any]], args: argparse.Namespace, stem: Path, meta
         ax.grid(True, which="both", alpha=0.3)
     # With --no-peak the left panel is empty: put the legend where the lines are.
     next((ax for ax in axes if ax.lines), axes[0]).legend(fontsize=8)
-    fig.suptitle(
-        f"CIFAR ResNets, batch {args.batch}, {args.device} — "
-        f"{common.machine_line(meta['machine'])}",
-        fontsize=9,
-    )
-    common.save_figure(fig, stem)
+    machine = machine_line(meta["machine"])
+    save_figure(fig, stem, f"CIFAR ResNets, batch {args.batch}, {args.device} — {machine}")
 
 
 if __name__ == "__main__":

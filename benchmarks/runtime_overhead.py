@@ -19,16 +19,30 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
-import time
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from benchmarks import _common as common
-from benchmarks.cifar import residual_function
+from benchmarks.lib.environment import machine_line
+from benchmarks.lib.measure import interleaved_times, saved_bytes
+from benchmarks.lib.plots import pyplot, save_figure
+from benchmarks.lib.results import (
+    Run,
+    add_results_dir,
+    error_text,
+    fixed,
+    mib,
+    print_table,
+    ratio,
+    seconds,
+)
+from benchmarks.lib.variants import ReferenceMode
+from revcompile.memory import peak_step_memory
+from revcompile.memory.fresh_process import FreshProcessError
+from revcompile.memory.step import training_step
+from tests.models import residual_function
 
 TARGET_TIME_RATIO = 1.40
 
@@ -46,7 +60,7 @@ def coupling_stage(couplings: int, channels: int, reference: bool, seed: int = 0
         ],
         name="bench",
     )
-    return common.ReferenceMode(stage) if reference else stage
+    return ReferenceMode(stage) if reference else stage
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -60,6 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--no-peak", action="store_true", help="skip peak step memory")
     parser.add_argument("--quick", action="store_true", help="small smoke-test configuration")
+    add_results_dir(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.couplings, args.batch, args.warmup, args.repeats = 4, 8, 1, 3
@@ -67,10 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    started = time.perf_counter()
-    meta = common.base_meta("runtime_overhead", argv, args.device)
+    args, run = Run.from_command_line("runtime_overhead", parse_args, argv)
+    meta = run.meta
     meta["notes"] = [
         f"{args.warmup} warm-up round(s), median of {args.repeats} timed rounds, the two "
         "variants alternating (few repeats: a step takes seconds on a 2-core CPU)."
@@ -82,95 +95,84 @@ def main(argv: list[str] | None = None) -> int:
     shape = (args.batch, args.channels, args.size, args.size)
 
     stage = coupling_stage(args.couplings, args.channels, reference=False).to(device).train()
-    variants = {"reversible": stage, "reference_mode": common.ReferenceMode(stage)}
+    variants = {"reversible": stage, "reference_mode": ReferenceMode(stage)}
     x = torch.randn(*shape, device=device)
-    steps = {
-        name: common.training_step(model, x, torch.optim.SGD(stage.parameters(), lr=1e-3))
-        for name, model in variants.items()
-    }
+    steps = {name: training_step(model, x, "sum") for name, model in variants.items()}
     rounds = args.warmup + args.repeats
     with tqdm(total=rounds * len(steps), desc="timing (interleaved)", unit="step") as bar:
-        timings = common.interleaved_times(
+        timings = interleaved_times(
             steps, device, args.warmup, args.repeats, progress=lambda _: bar.update()
         )
 
     rows: list[dict[str, Any]] = []
     for name, model in tqdm(variants.items(), desc="memory", unit="variant"):
         row: dict[str, Any] = {"variant": name, **timings[name]}
-        row["saved_bytes"] = common.saved_bytes(model, shape, device)
+        row["saved_bytes"] = saved_bytes(model, shape, device)
         if not args.no_peak:
             factory = functools.partial(
                 coupling_stage, args.couplings, args.channels, name == "reference_mode"
             )
-            from revcompile.memory import peak_step_memory
-
             try:
                 row["peak_step_bytes"] = peak_step_memory(factory, shape, args.device, timeout=600)
-            except RuntimeError as exc:
-                row["peak_error"] = common.error_text(exc)
+            except FreshProcessError as exc:
+                row["peak_error"] = error_text(exc)
         rows.append(row)
 
     rev, ref = rows
     paired = [a / b for a, b in zip(rev["times_s"], ref["times_s"], strict=False) if b]
     summary = {
-        "time_ratio": common.ratio(rev.get("median_s"), ref.get("median_s")),
+        "time_ratio": ratio(rev.get("median_s"), ref.get("median_s")),
         # Robustness checks on a shared machine: fastest step of each (least disturbed
         # by other processes) and the median of the per-round ratios.
-        "time_ratio_of_minima": common.ratio(
+        "time_ratio_of_minima": ratio(
             min(rev["times_s"], default=None), min(ref["times_s"], default=None)
         ),
         "time_ratio_paired_median": statistics.median(paired) if paired else None,
-        "saved_bytes_ratio": common.ratio(rev["saved_bytes"], ref["saved_bytes"]),
-        "peak_ratio": common.ratio(rev.get("peak_step_bytes"), ref.get("peak_step_bytes")),
+        "saved_bytes_ratio": ratio(rev["saved_bytes"], ref["saved_bytes"]),
+        "peak_ratio": ratio(rev.get("peak_step_bytes"), ref.get("peak_step_bytes")),
         "target_time_ratio": TARGET_TIME_RATIO,
     }
     summary["time_target_met"] = (
         summary["time_ratio"] is not None and summary["time_ratio"] <= TARGET_TIME_RATIO
     )
     meta["summary"] = summary
-    common.finish_meta(meta, started)
+    run.finish()
 
-    stem = common.result_stem("runtime_overhead", quick=args.quick, device=args.device)
-    common.write_results(stem, rows, meta)
-    markdown = common.print_table(
+    run.write(rows)
+    markdown = print_table(
         f"{args.couplings}-coupling stage, batch {args.batch}, {args.channels} ch, "
-        f"{args.size}x{args.size} — {common.machine_line(meta['machine'])}",
+        f"{args.size}x{args.size} — {machine_line(meta['machine'])}",
         ["variant", "step time (median s)", "saved MiB", "peak step MiB"],
         [
             [
                 r["variant"],
-                common.seconds(r.get("median_s")),
-                common.mib(r["saved_bytes"]),
-                common.mib(r.get("peak_step_bytes")),
+                seconds(r.get("median_s")),
+                mib(r["saved_bytes"]),
+                mib(r.get("peak_step_bytes")),
             ]
             for r in rows
         ]
         + [
             [
                 "ratio reversible / reference",
-                _fmt_ratio(summary["time_ratio"]),
-                _fmt_ratio(summary["saved_bytes_ratio"]),
-                _fmt_ratio(summary["peak_ratio"]),
+                fixed(summary["time_ratio"], 3),
+                fixed(summary["saved_bytes_ratio"], 3),
+                fixed(summary["peak_ratio"], 3),
             ]
         ],
     )
-    stem.with_suffix(".md").write_text(markdown + "\n")
-    _plot(rows, summary, stem, args)
+    run.write_markdown([markdown])
+    _plot(rows, summary, run.stem, args)
     verdict = "met" if summary["time_target_met"] else "MISSED"
     print(
-        f"time ratio {_fmt_ratio(summary['time_ratio'])} (target <= {TARGET_TIME_RATIO}: {verdict})"
+        f"time ratio {fixed(summary['time_ratio'], 3)} (target <= {TARGET_TIME_RATIO}: {verdict})"
     )
-    print(f"load average start {meta['load_average_start']} end {meta['load_average_end']}")
-    print(f"wrote {stem}.{{csv,json,md,png}}")
+    run.report()
     return 0
 
 
-def _fmt_ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], stem: Any, args: Any) -> None:
-    plt = common.pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     names = [r["variant"] for r in rows]
     for i, r in enumerate(rows):
@@ -179,7 +181,7 @@ def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], stem: Any, args: 
             left.bar(i, r["median_s"], alpha=0.6)
     left.set_xticks(range(len(names)), names)
     left.set_ylabel("training step time (s)")
-    left.set_title(f"time ratio {_fmt_ratio(summary['time_ratio'])} (target <= 1.40)")
+    left.set_title(f"time ratio {fixed(summary['time_ratio'], 3)} (target <= 1.40)")
     width = 0.4
     saved = [r["saved_bytes"] / 2**20 for r in rows]
     peak = [r.get("peak_step_bytes", 0) / 2**20 for r in rows]
@@ -189,7 +191,7 @@ def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], stem: Any, args: 
     right.set_ylabel("MiB")
     right.legend()
     right.set_title(f"{args.couplings} couplings, batch {args.batch}, {args.channels} ch")
-    common.save_figure(fig, stem)
+    save_figure(fig, stem)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,22 @@ default conversion lowest in peak step memory of all variants.
 from __future__ import annotations
 
 import argparse
-import functools
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import _common as common
+from benchmarks.lib.environment import machine_line
+from benchmarks.lib.matrix import MatrixConfig, run_matrix
+from benchmarks.lib.plots import pyplot, save_figure
+from benchmarks.lib.results import (
+    Run,
+    add_results_dir,
+    fixed,
+    mib,
+    print_table,
+    ratio,
+    seconds,
+)
+from benchmarks.lib.variants import COMPILE_ACTIVATION_BUDGET
 
 MODELS = ("resnet50", "resnet101", "resnet152")
 VARIANTS = (
@@ -67,6 +76,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--peak-timeout", type=float, default=600.0)
     parser.add_argument("--compile-timeout", type=float, default=300.0)
     parser.add_argument("--quick", action="store_true", help="resnet50, batch 2, 1 repeat")
+    add_results_dir(parser)
     args = parser.parse_args(argv)
     if args.batch is None:
         args.batch = 64 if args.device.startswith("cuda") else 8
@@ -76,10 +86,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    started = time.perf_counter()
-    meta = common.base_meta("torchvision_models", argv, args.device)
+    args, run = Run.from_command_line("torchvision_models", parse_args, argv)
+    meta = run.meta
     meta["config"] = {
         "models": args.models,
         "variants": args.variants,
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_rounds": args.warmup,
         "timed_rounds": args.repeats,
         "compile_timeout_s": args.compile_timeout,
-        "compile_activation_memory_budget": common.COMPILE_ACTIVATION_BUDGET,
+        "compile_activation_memory_budget": COMPILE_ACTIVATION_BUDGET,
     }
     meta["notes"] = [
         "Step times: eager variants of one model timed round-robin in one process; "
@@ -98,10 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         "first_step_s includes compilation.",
         "peak_step_bytes: revcompile.memory.peak_step_memory (fresh process, warm-up step).",
     ]
-    stem = common.result_stem("torchvision_models", quick=args.quick, device=args.device)
-    rows = common.run_matrix(
-        args.models,
-        args.variants,
+    config = MatrixConfig(
+        specs=tuple(args.models),
+        variants=tuple(args.variants),
         batch=args.batch,
         device=args.device,
         warmup=args.warmup,
@@ -109,28 +116,22 @@ def main(argv: list[str] | None = None) -> int:
         peak=not args.no_peak,
         peak_timeout=args.peak_timeout,
         isolated_timeout=args.compile_timeout,
-        on_spec_done=functools.partial(common.write_partial, stem, meta),
     )
+    rows = run_matrix(config, on_spec_done=run.write_partial)
     meta["summary"] = _summary(rows, args.models)
-    common.finish_meta(meta, started)
+    run.finish()
 
-    common.write_results(stem, rows, meta)
-    tables = [_table(rows, model, args, meta) for model in args.models]
-    stem.with_suffix(".md").write_text("\n\n".join(tables) + "\n")
-    _plot(rows, args, stem, meta)
+    run.write(rows)
+    run.write_markdown([_table(rows, model, args, meta) for model in args.models])
+    _plot(rows, args, run.stem, meta)
     for model, entry in meta["summary"].items():
         print(
-            f"{model}: time revcompile/reference {_fmt(entry.get('time_ratio_vs_reference'))} "
+            f"{model}: time revcompile/reference {fixed(entry.get('time_ratio_vs_reference'))} "
             f"(target <= {TARGET_TIME_RATIO}); default lowest peak: "
             f"{entry.get('default_lowest_peak')} (lowest other: {entry.get('lowest_other_peak')})"
         )
-    print(f"load average start {meta['load_average_start']} end {meta['load_average_end']}")
-    print(f"wrote {stem}.{{csv,json,md,png}}")
+    run.report()
     return 0
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _summary(rows: list[dict[str, Any]], models: list[str]) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def _summary(rows: list[dict[str, Any]], models: list[str]) -> dict[str, Any]:
         base = by.get("original", {})
         default = by.get(DEFAULT, {})
         entry: dict[str, Any] = {}
-        time_ratio = common.ratio(
+        time_ratio = ratio(
             default.get("median_s"), by.get("revcompile_reference", {}).get("median_s")
         )
         entry["time_ratio_vs_reference"] = time_ratio
@@ -156,13 +157,11 @@ def _summary(rows: list[dict[str, Any]], models: list[str]) -> dict[str, Any]:
             entry["lowest_other_peak"] = lowest
             entry["default_lowest_peak"] = default["peak_step_bytes"] < others[lowest]
         for r in by.values():
-            r["saved_ratio_vs_original"] = common.ratio(
-                r.get("saved_bytes"), base.get("saved_bytes")
-            )
-            r["peak_ratio_vs_original"] = common.ratio(
+            r["saved_ratio_vs_original"] = ratio(r.get("saved_bytes"), base.get("saved_bytes"))
+            r["peak_ratio_vs_original"] = ratio(
                 r.get("peak_step_bytes"), base.get("peak_step_bytes")
             )
-            r["time_ratio_vs_original"] = common.ratio(r.get("median_s"), base.get("median_s"))
+            r["time_ratio_vs_original"] = ratio(r.get("median_s"), base.get("median_s"))
         summary[model] = entry
     return summary
 
@@ -177,17 +176,17 @@ def _table(rows: list[dict[str, Any]], model: str, args: argparse.Namespace, met
         lines.append(
             [
                 r["variant"],
-                common.mib(r.get("peak_step_bytes")),
-                _fmt(r.get("peak_ratio_vs_original")),
-                common.mib(r.get("saved_bytes")),
-                _fmt(r.get("saved_ratio_vs_original"), 3),
-                common.seconds(r.get("median_s")),
-                _fmt(r.get("time_ratio_vs_original")),
+                mib(r.get("peak_step_bytes")),
+                fixed(r.get("peak_ratio_vs_original")),
+                mib(r.get("saved_bytes")),
+                fixed(r.get("saved_ratio_vs_original"), 3),
+                seconds(r.get("median_s")),
+                fixed(r.get("time_ratio_vs_original")),
                 ("peak failed: " + r["peak_error"][:60]) if "peak_error" in r else "",
             ]
         )
-    return common.print_table(
-        f"{model}, batch {args.batch}, 224x224 — {common.machine_line(meta['machine'])}",
+    return print_table(
+        f"{model}, batch {args.batch}, 224x224 — {machine_line(meta['machine'])}",
         [
             "variant",
             "peak step MiB",
@@ -203,7 +202,7 @@ def _table(rows: list[dict[str, Any]], model: str, args: argparse.Namespace, met
 
 
 def _plot(rows: list[dict[str, Any]], args: argparse.Namespace, stem: Path, meta: dict) -> None:
-    plt = common.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     width = 0.8 / max(1, len(args.variants))
     for index, variant in enumerate(args.variants):
@@ -229,12 +228,8 @@ def _plot(rows: list[dict[str, Any]], args: argparse.Namespace, stem: Path, meta
         ax.set_ylabel(label)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(
-        f"torchvision ResNets, batch {args.batch}, 224x224 — "
-        f"{common.machine_line(meta['machine'])}",
-        fontsize=9,
-    )
-    common.save_figure(fig, stem)
+    machine = machine_line(meta["machine"])
+    save_figure(fig, stem, f"torchvision ResNets, batch {args.batch}, 224x224 — {machine}")
 
 
 if __name__ == "__main__":

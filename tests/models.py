@@ -4,6 +4,9 @@ CIFAR ResNets (He et al. 2016, section 4.2): three stages of widths 16/32/64,
 n blocks each, depth 6n + 2 (basic) or 9n + 2 (bottleneck). Option A
 shortcuts subsample and zero-pad (no parameters); option B shortcuts are 1x1
 conv + BatchNorm projections. Every model here is small enough to run on CPU.
+
+This module imports only torch: it is the one home of these building blocks,
+and the benchmarks build their CIFAR ResNets from them (``tests.models``).
 """
 
 from __future__ import annotations
@@ -12,9 +15,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.cifar import ZeroPadShortcut, conv3x3
-
 CIFAR_INPUT = (2, 3, 32, 32)
+
+
+def conv3x3(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option-A shortcut: subsample by 2 and zero-pad the new channels."""
+
+    def __init__(self, extra_channels: int) -> None:
+        super().__init__()
+        self.extra_channels = extra_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.extra_channels // 2
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, half, self.extra_channels - half))
+
+
+def residual_function(in_planes: int, planes: int, stride: int = 1) -> nn.Sequential:
+    """conv3x3-bn-relu-conv3x3-bn: the residual function of a basic block."""
+    return nn.Sequential(
+        conv3x3(in_planes, planes, stride),
+        nn.BatchNorm2d(planes),
+        nn.ReLU(inplace=True),
+        conv3x3(planes, planes),
+        nn.BatchNorm2d(planes),
+    )
 
 
 def _projection(in_planes: int, planes: int, stride: int, option: str) -> nn.Module:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
+import os
+import subprocess
+import sys
+import time
 
 import models
 import pytest
@@ -121,11 +126,11 @@ class _ScaledStage(nn.Module):
 
 def reversible_stage() -> nn.Module:
     """Factory: 8 couplings of half-width basic-block branches on 16 channels."""
-    from benchmarks.cifar import residual_function
     from revcompile import AdditiveCoupling, ReversibleSequence
 
     couplings = [
-        AdditiveCoupling(residual_function(8, 8), residual_function(8, 8)) for _ in range(8)
+        AdditiveCoupling(models.residual_function(8, 8), models.residual_function(8, 8))
+        for _ in range(8)
     ]
     return _ScaledStage(ReversibleSequence(couplings))
 
@@ -391,3 +396,39 @@ def test_formula_through_zero_pad_shortcuts(convert):
     assert formula.free_symbols == {B, H, W}
     for shape in [(5, 3, 32, 32), (3, 3, 27, 40)]:
         assert _at(formula, shape) == saved_activation_bytes(model, torch.randn(*shape)), shape
+
+
+# ---------------------------------------------------------------- package structure
+
+
+def test_fresh_process_failures_are_typed():
+    """Callers branch on the class of the failure, never on its message."""
+    from revcompile.memory.fresh_process import (
+        WorkerDied,
+        WorkerFailed,
+        WorkerTimedOut,
+        run_in_fresh_process,
+    )
+
+    with pytest.raises(WorkerFailed, match="invalid literal for int"):
+        run_in_fresh_process(functools.partial(int, "not a number"))
+    with pytest.raises(WorkerDied, match="exit code 3"):
+        run_in_fresh_process(functools.partial(os._exit, 3))
+    start = time.perf_counter()
+    with pytest.raises(WorkerTimedOut):
+        run_in_fresh_process(functools.partial(time.sleep, 60), timeout=1)
+    assert time.perf_counter() - start < 30
+
+
+def test_memory_imports_no_compiler_module():
+    """The memory model is runtime-level: importing it loads no pass, no API, no CLI."""
+    code = (
+        "import sys, revcompile.memory; "
+        "print(' '.join(m for m in sys.modules if m.startswith('revcompile')))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "revcompile.memory" in loaded
+    compiler = {"revcompile.api", "revcompile.passes", "revcompile.cli", "revcompile.io"}
+    assert not [m for m in loaded if ".".join(m.split(".")[:2]) in compiler], loaded

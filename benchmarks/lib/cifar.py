@@ -1,10 +1,9 @@
-"""CIFAR ResNet building blocks (He et al. 2016, section 4.2), shared by the
-benchmarks and the test suite.
+"""The benchmarked CIFAR ResNet (He et al. 2016, section 4.2).
 
 Three stages of widths 16/32/64 with ``n`` basic blocks each (depth 6n + 2);
 option-A shortcuts subsample and zero-pad the new channels (no parameters).
-Only torch is imported here, so the tests can use these pieces without the
-benchmark machinery of :mod:`benchmarks._common`.
+The building blocks (``conv3x3``, ``ZeroPadShortcut``, ``residual_function``)
+have their one home in the test suite's models (``tests/models.py``).
 """
 
 from __future__ import annotations
@@ -15,32 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def conv3x3(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-
-
-class ZeroPadShortcut(nn.Module):
-    """Option-A shortcut: subsample by 2 and zero-pad the new channels."""
-
-    def __init__(self, extra_channels: int) -> None:
-        super().__init__()
-        self.extra_channels = extra_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        half = self.extra_channels // 2
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, half, self.extra_channels - half))
-
-
-def residual_function(in_planes: int, planes: int, stride: int = 1) -> nn.Sequential:
-    """conv3x3-bn-relu-conv3x3-bn: the residual function of a basic block."""
-    return nn.Sequential(
-        conv3x3(in_planes, planes, stride),
-        nn.BatchNorm2d(planes),
-        nn.ReLU(inplace=True),
-        conv3x3(planes, planes),
-        nn.BatchNorm2d(planes),
-    )
+from tests.models import ZeroPadShortcut, conv3x3, residual_function
 
 
 class BasicBlock(nn.Module):
