@@ -27,7 +27,7 @@ from revcompile.passes.partition import build_branch, channel_axes, halving_dim,
 from torch.fx import Graph, GraphModule, Node
 
 from revcompile.errors import ConversionError
-from revcompile.nn import AdditiveCoupling, CheckpointedSegment, ReversibleSequence
+from revcompile.runtime import AdditiveCoupling, CheckpointedSegment, ReversibleSequence
 
 Policy = Literal["checkpoint", "store"]
 
