@@ -10,11 +10,13 @@ DESIGN.md §1 and §6.
 Modules: ``coupling`` (the coupling math, once), ``function`` (the reversible
 autograd Function), ``sequence`` (the stage), ``segment`` (checkpointed
 parts), ``state`` (module state and RNG recorded in forward, replayed in
-recomputation), ``modes`` (``reference_mode``). The runtime imports only torch
-and the standard library; it never imports the compiler passes.
+recomputation), ``modes`` (``reference_mode``), ``debug``
+(``check_inverse``). The runtime imports only torch and the standard
+library; it never imports the compiler passes.
 """
 
 from revcompile.runtime.coupling import AdditiveCoupling
+from revcompile.runtime.debug import check_inverse
 from revcompile.runtime.modes import in_reference_mode, reference_mode
 from revcompile.runtime.segment import CheckpointedSegment
 from revcompile.runtime.sequence import ReversibleSequence, Split
@@ -24,6 +26,7 @@ __all__ = [
     "CheckpointedSegment",
     "ReversibleSequence",
     "Split",
+    "check_inverse",
     "in_reference_mode",
     "reference_mode",
 ]

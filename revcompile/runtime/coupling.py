@@ -7,17 +7,29 @@ of the coupling runs these two functions: the plain forward
 and the reversible autograd Function, whose forward records each branch call
 and whose backward reconstructs the inputs while backpropagating. They differ
 only in the *call hook* that evaluates a branch, in the spirit of
-``torch.utils.checkpoint``'s single recompute function.
+``torch.utils.checkpoint``'s single recompute function. In exact mode
+(``Grid``, DESIGN.md §10) the same two steps add and subtract the branch
+outputs rounded onto a fixed-point grid.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["AdditiveCoupling", "BranchCall", "forward_step", "inverse_step", "plain_call"]
+__all__ = [
+    "AdditiveCoupling",
+    "BranchCall",
+    "Grid",
+    "forward_step",
+    "inverse_step",
+    "plain_call",
+]
 
 Branch = Literal["F", "G"]
 
@@ -58,26 +70,89 @@ class AdditiveCoupling(nn.Module):
         return streams[0], streams[1]
 
 
-def forward_step(coupling: AdditiveCoupling, streams: list[Tensor], call: BranchCall) -> None:
+@dataclass(frozen=True)
+class Grid:
+    """Exact mode's trunk: float64 values on the grid of multiples of ``2**-bits``.
+
+    Sums of such values are exact while their magnitude stays below
+    ``2**(53 - bits)`` (``limit``), so ``x1 = y1 - q(F(x2))`` gives back the
+    forward's ``x1`` bit for bit when F recomputes deterministically. The
+    branches run in ``dtype`` (the stage input's); their outputs are rounded
+    onto the grid by ``quantise``, whose gradient passes straight through.
+    """
+
+    bits: int
+    dtype: torch.dtype
+
+    @property
+    def limit(self) -> float:
+        return 2.0 ** (53 - self.bits)
+
+    def quantise(self, x: Tensor) -> Tensor:
+        """``x`` rounded onto the grid, as float64; the gradient is the identity."""
+        return _OnGrid.apply(x, self.bits)
+
+    def check(self, x: Tensor, where: str) -> Tensor:
+        """``x``, after checking that it lies in the exact range (and is finite)."""
+        if not is_fake(x) and not bool((x.abs() < self.limit).all()):
+            raise OverflowError(
+                f"{where}: exact mode: a trunk value reached {x.abs().max().item():.3g}, outside "
+                f"the range +-2**{53 - self.bits} in which float64 sums on the 2**-{self.bits} "
+                f"grid are exact (or it is not finite); use fewer exact bits or keep the stage's "
+                "activations smaller (normalise its input)"
+            )
+        return x
+
+
+class _OnGrid(torch.autograd.Function):
+    """Round to multiples of ``2**-bits`` in float64 (exact: scaling by a power of two)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bits: int) -> Tensor:
+        ctx.dtype = x.dtype
+        scale = 2.0**bits
+        return torch.round(x.double() * scale) / scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.to(ctx.dtype), None
+
+
+def forward_step(
+    coupling: AdditiveCoupling, streams: list[Tensor], call: BranchCall, grid: Grid | None = None
+) -> None:
     """``[x1, x2]`` becomes ``[y1, y2]``; ``call`` evaluates F, then G.
 
     The streams are updated in place so that no caller keeps an old stream
     alive while the next branch runs (in the reversible backward that is the
-    peak of memory).
+    peak of memory). With a ``grid`` the streams are exact-mode trunks.
     """
-    streams[0] = streams[0] + _checked(coupling, "F", streams[1], call)
+    streams[0] = _update(coupling, "F", streams, call, grid, 1)
     if coupling.G is not None:
-        streams[1] = streams[1] + _checked(coupling, "G", streams[0], call)
+        streams[1] = _update(coupling, "G", streams, call, grid, 1)
 
 
-def inverse_step(coupling: AdditiveCoupling, streams: list[Tensor], call: BranchCall) -> None:
+def inverse_step(
+    coupling: AdditiveCoupling, streams: list[Tensor], call: BranchCall, grid: Grid | None = None
+) -> None:
     """``[y1, y2]`` becomes ``[x1, x2]``; ``call`` evaluates G, then F (in place, as above)."""
     if coupling.G is not None:
-        streams[1] = streams[1] - _checked(coupling, "G", streams[0], call)
-    streams[0] = streams[0] - _checked(coupling, "F", streams[1], call)
+        streams[1] = _update(coupling, "G", streams, call, grid, -1)
+    streams[0] = _update(coupling, "F", streams, call, grid, -1)
 
 
-def _checked(coupling: AdditiveCoupling, which: Branch, x: Tensor, call: BranchCall) -> Tensor:
+def _update(
+    coupling: AdditiveCoupling,
+    which: Branch,
+    streams: list[Tensor],
+    call: BranchCall,
+    grid: Grid | None,
+    sign: int,
+) -> Tensor:
+    """The new value of the stream that branch ``which`` adds to (``sign=1``) or
+    is subtracted from (``sign=-1``): F reads stream 2 into stream 1, G the reverse."""
+    target, source = (0, 1) if which == "F" else (1, 0)
+    x = streams[source] if grid is None else streams[source].to(grid.dtype)
     fn = coupling.F if which == "F" else coupling.G
     out = call(fn, which, x)
     if out.shape != x.shape:
@@ -85,4 +160,9 @@ def _checked(coupling: AdditiveCoupling, which: Branch, x: Tensor, call: BranchC
             f"{coupling.where}: coupling function {which} maps shape {tuple(x.shape)} to "
             f"{tuple(out.shape)}; a coupling function must preserve the shape of its input half"
         )
-    return out
+    if grid is None:
+        return streams[target] + out if sign > 0 else streams[target] - out
+    out = grid.quantise(out)
+    if sign < 0:  # reconstruction: exact by construction, nothing to check
+        return streams[target] - out
+    return grid.check(streams[target] + out, coupling.where)

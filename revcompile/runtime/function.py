@@ -37,14 +37,18 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, stage: ReversibleSequence, used: UsedTensors, *params: Tensor):
         recorder = CallRecorder(x.device)
+        grid = stage.grid(x.dtype)
         with torch.no_grad():
-            streams = list(stage._streams(x))
+            streams = stage._streams(x)
             for coupling in stage.couplings:
-                forward_step(coupling, streams, recorder.call)
-            y = stage._merge(*streams)
-        # ``duplicate`` merges into (y1 + y2) / 2, which loses the streams.
-        kept = (y,) if stage.split == "halve" else tuple(streams)
+                forward_step(coupling, streams, recorder.call, grid)
+            y = stage._merge(streams, x.dtype)
+        # ``duplicate`` merges into (y1 + y2) / 2, which loses the streams; an
+        # exact stage's output is rounded to the input dtype, which loses bits.
+        kept = (y,) if stage.split == "halve" and grid is None else tuple(streams)
         ctx.stage = stage
+        ctx.grid = grid
+        ctx.input_dtype = x.dtype
         ctx.used = used
         ctx.records = recorder.records
         ctx.cuda_device = recorder.cuda_device
@@ -74,20 +78,26 @@ class _ReversibleFunction(torch.autograd.Function):
             autocast=ctx.autocast,
         )
         with torch.no_grad():
+            # The backward of _merge and of _streams, op for op as autograd runs
+            # them in reference mode (exact mode's gradients are bitwise equal).
+            streams = list(kept[0].chunk(2, dim=stage.dim)) if len(kept) == 1 else list(kept)
+            dy = dy.to(streams[0].dtype)
             if stage.split == "halve":
-                streams = list(kept[0].chunk(2, dim=stage.dim))
                 dy1, dy2 = dy.chunk(2, dim=stage.dim)
             else:  # output (y1 + y2) / 2
-                streams = list(kept)
                 dy1 = dy2 = dy / 2
-            del kept, saved
+            del kept, saved, dy
             backprop = _Backprop(replay, reversed(ctx.records), dy1, dy2)
             del dy1, dy2
             for coupling in reversed(stage.couplings):
-                inverse_step(coupling, streams, backprop.call)
+                inverse_step(coupling, streams, backprop.call, ctx.grid)
             dx1, dx2 = backprop.grads
             # x1 and x2 are the two halves of x, or both x itself.
-            dx = torch.cat([dx1, dx2], dim=stage.dim) if stage.split == "halve" else dx1 + dx2
+            dtype = ctx.input_dtype
+            if stage.split == "halve":
+                dx = torch.cat([dx1, dx2], dim=stage.dim).to(dtype)
+            else:
+                dx = dx1.to(dtype) + dx2.to(dtype)
         param_grads = [backprop.param_grads.get(i) for i in ctx.used.trainable]
         return (dx, None, None, *param_grads)
 
@@ -119,9 +129,10 @@ class _Backprop:
         with self.replay.recompute(fn, next(self.records)), torch.enable_grad():
             out = fn(inp)
         if out.requires_grad:
-            grads = torch.autograd.grad(
-                out, [inp, *leaves], self.grads[out_stream], allow_unused=True
-            )
+            # As autograd casts it (to a bfloat16 branch output; in exact mode
+            # through the rounding's straight-through gradient).
+            grad_out = self.grads[out_stream].to(out.dtype)
+            grads = torch.autograd.grad(out, [inp, *leaves], grad_out, allow_unused=True)
         else:  # noise, a detached or a frozen branch: nothing depends on its inputs
             grads = (None,) * (1 + len(leaves))
         for i, g in zip(indices, grads[1:]):
