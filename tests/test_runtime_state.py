@@ -80,13 +80,14 @@ class Unconverted(nn.Module):
     def __init__(self, stage: ReversibleSequence) -> None:
         super().__init__()
         self.couplings = copy.deepcopy(stage.couplings)
+        self.split = stage.split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=1)
+        x1, x2 = x.chunk(2, dim=1) if self.split == "halve" else (x, x)
         for c in self.couplings:
             x1 = x1 + c.F(x2)
             x2 = x2 if c.G is None else x2 + c.G(x1)
-        return torch.cat([x1, x2], dim=1)
+        return torch.cat([x1, x2], dim=1) if self.split == "halve" else (x1 + x2) / 2
 
 
 def _state(module: nn.Module) -> list:
@@ -115,13 +116,15 @@ def _check_against_original(module: nn.Module, original: nn.Module, x: torch.Ten
     _assert_state_equal(module, original)
 
 
+@pytest.mark.parametrize("split", ["halve", "duplicate"])
 @pytest.mark.parametrize("kind", sorted(STATEFUL))
-def test_stage_recomputation_sees_the_state_of_the_forward(kind: str) -> None:
+def test_stage_recomputation_sees_the_state_of_the_forward(kind: str, split: str) -> None:
     torch.manual_seed(0)
     make = STATEFUL[kind]
-    stage = ReversibleSequence([AdditiveCoupling(make(), make()) for _ in range(3)]).double()
+    couplings = [AdditiveCoupling(make(), make()) for _ in range(3)]
+    stage = ReversibleSequence(couplings, split=split).double()
     original = Unconverted(stage)
-    x = _input()
+    x = _input(width=2 * C if split == "halve" else C)
     compare_with_reference(copy.deepcopy(stage), x)
     _check_against_original(stage, original, x)
     # A second step starts from the state the first left, in all three.
