@@ -33,8 +33,8 @@ from torch.fx import Graph, GraphModule, Node
 
 from revcompile import options
 from revcompile.errors import ConversionError
-from revcompile.nn import AdditiveCoupling, CheckpointedSegment, ReversibleSequence
 from revcompile.options import Policy
+from revcompile.runtime import AdditiveCoupling, CheckpointedSegment, ReversibleSequence
 
 
 def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[str]:

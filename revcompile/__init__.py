@@ -4,7 +4,7 @@
 stride-1 residual blocks are RevNet additive couplings, so training stores
 activations only at the inputs of non-reversible layers.
 
-The runtime (``revcompile.nn``) is imported eagerly; the compiler API
+The runtime (``revcompile.runtime``) is imported eagerly; the compiler API
 (``analyze``, ``convert``, ``report``) is loaded on first use so that
 the passes can import the runtime without an import cycle.
 """
@@ -15,7 +15,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from revcompile.errors import ConversionError
-from revcompile.nn import AdditiveCoupling, ReversibleSequence, reference_mode
+from revcompile.runtime import AdditiveCoupling, ReversibleSequence, reference_mode
 
 if TYPE_CHECKING:
     from revcompile.api import analyze, convert, report

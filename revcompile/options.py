@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
+from revcompile.runtime import Split as RuntimeSplit
+
 Policy = Literal["checkpoint", "store"]
 """How non-reversible segments between stages store activations."""
 
 Leftover = Literal["store", "half"]
 """What the odd last block of a chain becomes: an ordinary block or a half-coupling."""
 
-StageSplit = Literal["halve", "duplicate"]
-"""How one stage turns its input into the two coupling streams."""
+StageSplit = RuntimeSplit
+"""How one stage turns its input into the two coupling streams (the runtime's choices)."""
 
-Split = Literal["halve", "duplicate", "auto"]
+Split = Literal[StageSplit, "auto"]
 """The ``split`` option of ``convert``: a StageSplit for every stage, or chosen per stage."""
 
 

@@ -26,7 +26,7 @@ from models import cifar_resnet
 from torch import nn
 
 import revcompile
-from revcompile.nn import ReversibleSequence
+from revcompile.runtime import ReversibleSequence
 
 TOLERANCE = 1e-2
 MIN_COSINE = 0.9999

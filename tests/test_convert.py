@@ -23,7 +23,7 @@ from torchvision.ops import StochasticDepth
 import revcompile
 from revcompile import reference_mode
 from revcompile.memory import saved_activation_bytes
-from revcompile.nn import CheckpointedSegment, ReversibleSequence
+from revcompile.runtime import CheckpointedSegment, ReversibleSequence
 
 TORCHVISION = [
     "resnet18",

@@ -21,7 +21,7 @@ from models import cifar_resnet
 from torch.nn.parallel import DistributedDataParallel
 
 import revcompile
-from revcompile.nn import ReversibleSequence
+from revcompile.runtime import ReversibleSequence
 
 WORLD = 2
 SHARD = 2  # samples per process

@@ -181,7 +181,7 @@ def test_formula_custom_function_and_checkpoint():
 
 def test_formula_reversible_sequence_with_dropout():
     """revcompile's own Function: saves its output, and RNG states only for random calls."""
-    from revcompile.nn import AdditiveCoupling, ReversibleSequence
+    from revcompile.runtime import AdditiveCoupling, ReversibleSequence
 
     def branch(c: int, p: float) -> nn.Module:
         return nn.Sequential(

@@ -1,0 +1,168 @@
+"""The additive coupling and its two steps, written once (DESIGN.md §1).
+
+``forward_step`` computes ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)`` and
+``inverse_step`` computes ``x2 = y2 - G(y1)``, ``x1 = y1 - F(x2)``. Every user
+of the coupling runs these two functions: the plain forward
+(``AdditiveCoupling.forward``, reference mode), ``AdditiveCoupling.inverse``,
+and the reversible autograd Function, whose forward records each branch call
+and whose backward reconstructs the inputs while backpropagating. They differ
+only in the *call hook* that evaluates a branch, in the spirit of
+``torch.utils.checkpoint``'s single recompute function. In exact mode
+(``Grid``, DESIGN.md §10) the same two steps add and subtract the branch
+outputs rounded onto a fixed-point grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
+
+__all__ = [
+    "AdditiveCoupling",
+    "BranchCall",
+    "Grid",
+    "forward_step",
+    "inverse_step",
+    "plain_call",
+]
+
+Branch = Literal["F", "G"]
+
+#: ``call(branch_module, which, x)`` evaluates branch ``which`` ("F" reads
+#: stream 2 and is added to stream 1; "G" reads stream 1 and is added to
+#: stream 2) on ``x`` and returns its output.
+BranchCall = Callable[[nn.Module, Branch, Tensor], Tensor]
+
+
+def plain_call(fn: nn.Module, _which: Branch, x: Tensor) -> Tensor:
+    """Evaluate the branch as an ordinary module call."""
+    return fn(x)
+
+
+class AdditiveCoupling(nn.Module):
+    """RevNet additive coupling: ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``.
+
+    With ``G=None`` it is a half-coupling: ``y2 = x2``. ``F`` and ``G`` must map
+    a tensor to one of the same shape. ``where`` names the coupling in errors;
+    ReversibleSequence sets it to the stage name and position.
+    """
+
+    def __init__(self, F: nn.Module, G: nn.Module | None = None) -> None:
+        super().__init__()
+        self.F = F
+        self.G = G
+        self.where = "AdditiveCoupling"
+
+    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        streams = [x1, x2]
+        forward_step(self, streams, plain_call)
+        return streams[0], streams[1]
+
+    def inverse(self, y1: Tensor, y2: Tensor) -> tuple[Tensor, Tensor]:
+        """The inputs ``(x1, x2)`` that ``forward`` maps to ``(y1, y2)``."""
+        streams = [y1, y2]
+        inverse_step(self, streams, plain_call)
+        return streams[0], streams[1]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Exact mode's trunk: float64 values on the grid of multiples of ``2**-bits``.
+
+    Sums of such values are exact while their magnitude stays below
+    ``2**(53 - bits)`` (``limit``), so ``x1 = y1 - q(F(x2))`` gives back the
+    forward's ``x1`` bit for bit when F recomputes deterministically. The
+    branches run in ``dtype`` (the stage input's); their outputs are rounded
+    onto the grid by ``quantise``, whose gradient passes straight through.
+    """
+
+    bits: int
+    dtype: torch.dtype
+
+    @property
+    def limit(self) -> float:
+        return 2.0 ** (53 - self.bits)
+
+    def quantise(self, x: Tensor) -> Tensor:
+        """``x`` rounded onto the grid, as float64; the gradient is the identity."""
+        return _OnGrid.apply(x, self.bits)
+
+    def check(self, x: Tensor, where: str) -> Tensor:
+        """``x``, after checking that it lies in the exact range (and is finite)."""
+        if not is_fake(x) and not bool((x.abs() < self.limit).all()):
+            raise OverflowError(
+                f"{where}: exact mode: a trunk value reached {x.abs().max().item():.3g}, outside "
+                f"the range +-2**{53 - self.bits} in which float64 sums on the 2**-{self.bits} "
+                f"grid are exact (or it is not finite); use fewer exact bits or keep the stage's "
+                "activations smaller (normalise its input)"
+            )
+        return x
+
+
+class _OnGrid(torch.autograd.Function):
+    """Round to multiples of ``2**-bits`` in float64 (exact: scaling by a power of two)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bits: int) -> Tensor:
+        ctx.dtype = x.dtype
+        scale = 2.0**bits
+        return torch.round(x.double() * scale) / scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.to(ctx.dtype), None
+
+
+def forward_step(
+    coupling: AdditiveCoupling, streams: list[Tensor], call: BranchCall, grid: Grid | None = None
+) -> None:
+    """``[x1, x2]`` becomes ``[y1, y2]``; ``call`` evaluates F, then G.
+
+    The streams are updated in place so that no caller keeps an old stream
+    alive while the next branch runs (in the reversible backward that is the
+    peak of memory). With a ``grid`` the streams are exact-mode trunks.
+    """
+    streams[0] = _update(coupling, "F", streams, call, grid, 1)
+    if coupling.G is not None:
+        streams[1] = _update(coupling, "G", streams, call, grid, 1)
+
+
+def inverse_step(
+    coupling: AdditiveCoupling, streams: list[Tensor], call: BranchCall, grid: Grid | None = None
+) -> None:
+    """``[y1, y2]`` becomes ``[x1, x2]``; ``call`` evaluates G, then F (in place, as above)."""
+    if coupling.G is not None:
+        streams[1] = _update(coupling, "G", streams, call, grid, -1)
+    streams[0] = _update(coupling, "F", streams, call, grid, -1)
+
+
+def _update(
+    coupling: AdditiveCoupling,
+    which: Branch,
+    streams: list[Tensor],
+    call: BranchCall,
+    grid: Grid | None,
+    sign: int,
+) -> Tensor:
+    """The new value of the stream that branch ``which`` adds to (``sign=1``) or
+    is subtracted from (``sign=-1``): F reads stream 2 into stream 1, G the reverse."""
+    target, source = (0, 1) if which == "F" else (1, 0)
+    x = streams[source] if grid is None else streams[source].to(grid.dtype)
+    fn = coupling.F if which == "F" else coupling.G
+    out = call(fn, which, x)
+    if out.shape != x.shape:
+        raise ValueError(
+            f"{coupling.where}: coupling function {which} maps shape {tuple(x.shape)} to "
+            f"{tuple(out.shape)}; a coupling function must preserve the shape of its input half"
+        )
+    if grid is None:
+        return streams[target] + out if sign > 0 else streams[target] - out
+    out = grid.quantise(out)
+    if sign < 0:  # reconstruction: exact by construction, nothing to check
+        return streams[target] - out
+    return grid.check(streams[target] + out, coupling.where)

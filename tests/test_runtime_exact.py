@@ -1,0 +1,161 @@
+"""Exact mode (DESIGN.md §10): reversible gradients bitwise equal to reference_mode's.
+
+``ReversibleSequence(..., exact=True)`` carries the trunk in float64 on a
+``2**-k`` grid and adds the rounded branch outputs; reconstruction is then
+exact, so every gradient, the output and every buffer must be ``torch.equal``
+to those of the same step under ``reference_mode()`` -- not merely close.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from equivalence import training_step
+from hypothesis import given, settings
+from test_runtime import StackSpec, make_input, make_layer, stack_specs
+from torch import nn
+
+from revcompile import AdditiveCoupling, ReversibleSequence
+from revcompile.memory import saved_activation_bytes
+from revcompile.runtime import check_inverse
+
+
+def exact_stack(
+    spec: StackSpec,
+    dtype: torch.dtype = torch.float64,
+    *,
+    split: str = "halve",
+    half_couplings: bool = False,
+    exact: bool = True,
+) -> ReversibleSequence:
+    def branch() -> nn.Sequential:
+        return nn.Sequential(*(make_layer(kind, spec) for kind in spec.layers))
+
+    couplings = [
+        AdditiveCoupling(branch(), None if half_couplings else branch())
+        for _ in range(spec.couplings)
+    ]
+    stage = ReversibleSequence(couplings, name="stage", split=split, exact=exact)
+    return stage.to(dtype)
+
+
+def assert_bitwise_equal_to_reference(stage: nn.Module, x: torch.Tensor) -> None:
+    reference = copy.deepcopy(stage)
+    got = training_step(stage, x, reference=False)
+    want = training_step(reference, x, reference=True)
+    assert torch.equal(got.output, want.output)
+    assert torch.equal(got.input_grad, want.input_grad)
+    for g, w in zip(got.param_grads, want.param_grads, strict=True):
+        assert (g is None and w is None) or torch.equal(g, w)
+    for b, w in zip(got.buffers, want.buffers, strict=True):
+        assert torch.equal(b, w)
+
+
+@settings(max_examples=25, deadline=None)
+@given(stack_specs())
+def test_generated_stacks_bitwise_equal(spec: StackSpec) -> None:
+    for dtype in (torch.float64, torch.float32):
+        torch.manual_seed(0)
+        assert_bitwise_equal_to_reference(exact_stack(spec, dtype), make_input(spec, dtype))
+
+
+LAYERS = ("conv3", "bn", "relu", "dropout", "conv1")
+DEEP = StackSpec(4, 2, 3, 2, 166, LAYERS)  # CIFAR ResNet-1001 depth (n = 166), small width
+MEDIUM = StackSpec(4, 2, 3, 2, 40, LAYERS)
+
+
+def test_166_couplings_bitwise_equal() -> None:
+    """float32 branches with BatchNorm and dropout; inputs reconstructed bit for bit."""
+    torch.manual_seed(0)
+    stage, x = exact_stack(DEEP, torch.float32), make_input(DEEP, torch.float32)
+    assert_bitwise_equal_to_reference(stage, x)
+    check_inverse(stage, x)
+
+
+def test_float64_branches_bitwise_equal_at_depth() -> None:
+    torch.manual_seed(0)
+    assert_bitwise_equal_to_reference(exact_stack(MEDIUM), make_input(MEDIUM))
+
+
+@pytest.mark.parametrize("split", ["halve", "duplicate"])
+@pytest.mark.parametrize("half_couplings", [False, True], ids=["full", "half"])
+def test_splits_and_half_couplings_bitwise_equal(split: str, half_couplings: bool) -> None:
+    torch.manual_seed(0)
+    spec = StackSpec(4, 3, 4, 3, 12, ("conv3", "bn", "relu", "dropout"))
+    stage = exact_stack(spec, torch.float32, split=split, half_couplings=half_couplings)
+    x = make_input(spec, torch.float32)
+    if split == "duplicate":
+        x = x[:, : spec.half].detach().requires_grad_()
+    assert_bitwise_equal_to_reference(stage, x)
+    check_inverse(stage, x)
+
+
+def test_bfloat16_autocast_bitwise_equal() -> None:
+    torch.manual_seed(0)
+    spec = StackSpec(4, 4, 6, 3, 24, ("conv3", "bn", "relu", "conv3"))
+    stage = exact_stack(spec, torch.float32)
+    x = make_input(spec, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_bitwise_equal_to_reference(stage, x)
+        check_inverse(stage, x)
+
+
+def test_reconstruction_is_bitwise_in_exact_mode_only() -> None:
+    """check_inverse passes on the exact stage; the float stage fails it (the check can fail)."""
+    torch.manual_seed(0)
+    stage = exact_stack(MEDIUM, torch.float32)
+    x = make_input(MEDIUM, torch.float32)
+    check_inverse(stage, x)
+    floating = ReversibleSequence(list(stage.couplings), name="stage")
+    with pytest.raises(RuntimeError, match=r"stage, coupling \d+: reconstructed x[12] differs"):
+        check_inverse(floating, x)
+
+
+def test_check_inverse_has_no_side_effects() -> None:
+    torch.manual_seed(0)
+    spec = StackSpec(4, 2, 3, 2, 3, ("conv3", "bn", "dropout"))
+    stage = exact_stack(spec)
+    x = make_input(spec)
+    before = copy.deepcopy(stage.state_dict())
+    rng = torch.get_rng_state()
+    check_inverse(stage, x)
+    assert all(torch.equal(before[k], v) for k, v in stage.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_float_mode_gradients_are_not_bitwise_at_depth() -> None:
+    """Guards the comparison: without exact mode the same deep stage is only close."""
+    torch.manual_seed(0)
+    stage = exact_stack(MEDIUM, torch.float32, exact=False)
+    with pytest.raises(AssertionError):
+        assert_bitwise_equal_to_reference(stage, make_input(MEDIUM, torch.float32))
+
+
+def test_overflow_of_the_exact_range_raises() -> None:
+    torch.manual_seed(0)
+    spec = StackSpec(2, 2, 1, 4, 2, ("linear",))
+    stage = exact_stack(spec)
+    big = make_input(spec) * 2.0**22  # beyond 2**(53 - 32)
+    with pytest.raises(OverflowError, match=r"stage: exact mode.*2\*\*21"):
+        stage(big)
+
+    growing = exact_stack(StackSpec(2, 2, 1, 4, 40, ("linear",)))
+    with torch.no_grad():
+        for p in growing.parameters():
+            p.fill_(3.0)
+    with pytest.raises(OverflowError, match=r"stage, coupling \d+: exact mode"):
+        growing(make_input(spec))
+
+
+def test_exact_stage_saves_both_streams_in_float64_independent_of_depth() -> None:
+    def saved(n: int, exact: bool) -> int:
+        torch.manual_seed(0)
+        spec = StackSpec(4, 4, 8, 2, n, ("conv3", "bn", "relu"))
+        stage = exact_stack(spec, torch.float32, exact=exact)
+        return saved_activation_bytes(stage, make_input(spec, torch.float32))
+
+    output = 2 * 8 * 8 * 8 * 4
+    assert saved(2, False) == saved(16, False) == output
+    assert saved(2, True) == saved(16, True) == 2 * output
