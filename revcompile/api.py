@@ -18,6 +18,7 @@ from revcompile.passes.cleanup import cleanup
 from revcompile.passes.emit import emit
 from revcompile.passes.find_residuals import find_residuals
 from revcompile.passes.ir import Plan
+from revcompile.passes.partition import unsupported_reason
 from revcompile.passes.plan import plan, report_from_plan
 from revcompile.passes.shape_prop import propagate_guessed_shapes, propagate_shapes
 from revcompile.passes.trace import trace
@@ -28,8 +29,8 @@ ExampleInputs = torch.Tensor | Sequence[torch.Tensor] | None
 
 
 class Analysis(NamedTuple):
-    """What the analysis passes produce: the traced graph, the plan on its
-    nodes, and the report (which ``convert`` extends)."""
+    """What the pipeline produces: the traced (and, when converting, rewritten)
+    graph, the plan on its nodes, and the report."""
 
     gm: GraphModule
     plan: Plan
@@ -50,42 +51,7 @@ def analyze(model: nn.Module, example_inputs: ExampleInputs = None) -> Conversio
     ``model`` is not modified. Raises ``ConversionError`` when fx cannot trace
     ``model`` or it rejects the given ``example_inputs``.
     """
-    return run_analysis(model, example_inputs).report
-
-
-def run_analysis(
-    model: nn.Module,
-    example_inputs: ExampleInputs = None,
-    *,
-    leftover: Leftover = "store",
-    split: Split = "halve",
-) -> Analysis:
-    """trace -> shape propagation -> find_residuals -> plan, and the report.
-
-    ``leftover`` decides the odd last block of a chain: ``"store"`` keeps it an
-    ordinary block, ``"half"`` makes it a half-coupling. ``split`` chooses how
-    stages split their input (see ``convert``). ``gm`` shares its parameters
-    and buffers with ``model``; ``model`` is not modified.
-    """
-    from revcompile.passes.partition import unsupported_reason
-
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    gm = trace(model, n_inputs=None if example_inputs is None else len(example_inputs))
-    if example_inputs is None:
-        propagate_guessed_shapes(gm)
-    else:
-        propagate_shapes(gm, tuple(example_inputs))
-    blocks, rejected = find_residuals(gm)
-    the_plan = plan(
-        gm, blocks, rejected, branch_check=unsupported_reason, leftover=leftover, split=split
-    )
-    report = report_from_plan(
-        the_plan,
-        params_before=sum(p.numel() for p in model.parameters()),
-        leftover=leftover,
-    )
-    return Analysis(gm, the_plan, report)
+    return pipeline(model, example_inputs, rewrite=False).report
 
 
 def convert(
@@ -124,12 +90,41 @@ def convert(
     The converted network computes a different function from ``model`` (a
     RevNet of the same layout), meant to be trained.
     """
-    gm, the_plan, the_report = run_analysis(model, example_inputs, leftover=leftover, split=split)
-    if the_plan.stages and not the_plan.shapes_known:
-        raise ConversionError(
-            f"could not infer the input shape of {type(model).__name__}; pass example_inputs "
-            "to convert() so that channel counts and broadcasting can be checked"
-        )
+    gm, _, the_report = pipeline(
+        model, example_inputs, rewrite=True, policy=policy, leftover=leftover, split=split
+    )
+    attach_report(gm, the_report)
+    return gm
+
+
+def pipeline(
+    model: nn.Module,
+    example_inputs: ExampleInputs = None,
+    *,
+    rewrite: bool,
+    policy: Policy = "checkpoint",
+    leftover: Leftover = "store",
+    split: Split = "halve",
+) -> Analysis:
+    """Every pass, in order; ``rewrite=False`` (``analyze``) stops after planning.
+
+    Options as in ``convert``. ``model`` is not modified: without ``rewrite``,
+    ``gm`` shares its parameters and buffers with ``model``; with it, ``gm``
+    owns them.
+    """
+    inputs = _as_tuple(example_inputs)
+    gm = trace(model, n_inputs=None if inputs is None else len(inputs))
+    _propagate_shapes(gm, inputs)
+    blocks, rejected = find_residuals(gm)
+    the_plan = plan(
+        gm, blocks, rejected, branch_check=unsupported_reason, leftover=leftover, split=split
+    )
+    the_report = report_from_plan(
+        the_plan, params_before=sum(p.numel() for p in model.parameters()), leftover=leftover
+    )
+    if not rewrite:
+        return Analysis(gm, the_plan, the_report)
+    _require_shapes(model, the_plan)
     changes = emit(gm, the_plan, policy=policy)
     cleanup(gm)
     _own_shared_state(gm, model)
@@ -137,8 +132,30 @@ def convert(
     the_report.changes += changes
     the_report.params_after = sum(p.numel() for p in gm.parameters())
     the_report.policy = policy
-    attach_report(gm, the_report)
-    return gm
+    return Analysis(gm, the_plan, the_report)
+
+
+def _as_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...] | None:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return None if example_inputs is None else tuple(example_inputs)
+
+
+def _propagate_shapes(gm: GraphModule, inputs: tuple[torch.Tensor, ...] | None) -> None:
+    """Shapes from ``inputs``, or from a guessed input when there are none."""
+    if inputs is None:
+        propagate_guessed_shapes(gm)
+    else:
+        propagate_shapes(gm, inputs)
+
+
+def _require_shapes(model: nn.Module, the_plan: Plan) -> None:
+    """Stages need shapes (channel counts, broadcasting checks)."""
+    if the_plan.stages and not the_plan.shapes_known:
+        raise ConversionError(
+            f"could not infer the input shape of {type(model).__name__}; pass example_inputs "
+            "to convert() so that channel counts and broadcasting can be checked"
+        )
 
 
 def _own_shared_state(gm: GraphModule, model: nn.Module) -> None:

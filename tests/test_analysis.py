@@ -17,7 +17,7 @@ from revcompile.passes.shape_prop import propagate_shapes
 from revcompile.passes.trace import trace
 from strategies import GeneratedNet, build_model, residual_nets
 
-from revcompile.api import analyze, run_analysis
+from revcompile.api import analyze, pipeline
 from revcompile.conversion_report import ConversionReport, KeptReason
 from revcompile.errors import ConversionError
 
@@ -130,7 +130,7 @@ def test_cifar_resnet164_bottleneck() -> None:
 
 
 def test_preact_resnet() -> None:
-    result = run_analysis(models.preact_resnet(20), torch.randn(models.CIFAR_INPUT))
+    result = pipeline(models.preact_resnet(20), torch.randn(models.CIFAR_INPUT), rewrite=False)
     report = result.report
     assert _split(report)[0] == ["layer2.0", "layer3.0"]
     assert [s.blocks for s in report.stages] == [
@@ -142,7 +142,7 @@ def test_preact_resnet() -> None:
 
 
 def test_residual_spellings_nested_in_containers() -> None:
-    result = run_analysis(models.SpellingsNet(), torch.randn(2, 3, 8, 8))
+    result = pipeline(models.SpellingsNet(), torch.randn(2, 3, 8, 8), rewrite=False)
     names = ["stages.0.0", "stages.0.1.inner", "stages.1.0", "stages.1.1"]
     assert [b.name for b in result.report.blocks] == names
     assert [b.fate for b in result.report.blocks] == ["F", "G", "F", "G"]
@@ -266,7 +266,7 @@ def test_report_round_trip_and_table() -> None:
     assert ConversionReport.from_dict(data) == report
     text = str(report)
     assert "layer1_rev" in text and "projection shortcut" in text
-    assert report_from_plan(run_analysis(models.PlainNet()).plan).blocks == []
+    assert report_from_plan(pipeline(models.PlainNet(), rewrite=False).plan).blocks == []
 
 
 @given(residual_nets())
