@@ -9,7 +9,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.fx import GraphModule
-from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError
@@ -19,11 +18,12 @@ from revcompile.passes.emit import emit
 from revcompile.passes.find_residuals import find_residuals
 from revcompile.passes.ir import Plan
 from revcompile.passes.partition import unsupported_reason
-from revcompile.passes.plan import plan, report_from_plan
+from revcompile.passes.plan import plan
 from revcompile.passes.shape_prop import propagate_guessed_shapes, propagate_shapes
 from revcompile.passes.trace import trace
+from revcompile.report_builder import Rewrite, attach_report, build_report, report
 
-REPORT_ATTRIBUTE = "revcompile_report"
+__all__ = ["Analysis", "analyze", "attach_report", "convert", "pipeline", "report"]
 
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor] | None
 
@@ -119,19 +119,21 @@ def pipeline(
     the_plan = plan(
         gm, blocks, rejected, branch_check=unsupported_reason, leftover=leftover, split=split
     )
-    the_report = report_from_plan(
-        the_plan, params_before=sum(p.numel() for p in model.parameters()), leftover=leftover
+    rewrites: list[Rewrite] = []
+    if rewrite:
+        _require_shapes(model, the_plan)
+        rewrites = emit(gm, the_plan, policy=policy)
+        cleanup(gm)
+        _own_shared_state(gm, model)
+        gm.train(model.training)
+    the_report = build_report(
+        the_plan,
+        rewrites,
+        params_before=sum(p.numel() for p in model.parameters()),
+        params_after=sum(p.numel() for p in gm.parameters()) if rewrite else None,
+        policy=policy if rewrite else None,
+        leftover=leftover,
     )
-    if not rewrite:
-        return Analysis(gm, the_plan, the_report)
-    _require_shapes(model, the_plan)
-    changes = emit(gm, the_plan, policy=policy)
-    cleanup(gm)
-    _own_shared_state(gm, model)
-    gm.train(model.training)
-    the_report.changes += changes
-    the_report.params_after = sum(p.numel() for p in gm.parameters())
-    the_report.policy = policy
     return Analysis(gm, the_plan, the_report)
 
 
@@ -179,25 +181,3 @@ def _own_shared_state(gm: GraphModule, model: nn.Module) -> None:
             for name, tensor in tensors.items():
                 if tensor is not None and id(tensor) in originals:
                     tensors[name] = copy.deepcopy(tensor, memo)
-
-
-def attach_report(gm: GraphModule, the_report: ConversionReport) -> None:
-    """Store ``the_report`` on ``gm`` so that it survives pickling and deepcopy.
-
-    fx keeps a plain attribute through ``torch.save``/``torch.load`` but drops
-    it in ``copy.deepcopy``; the attributes listed in ``meta`` under
-    ``_USER_PRESERVED_ATTRIBUTES_KEY`` are restored by deepcopy (the mechanism
-    torch.ao.quantization uses for the same purpose).
-    """
-    setattr(gm, REPORT_ATTRIBUTE, the_report)
-    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[REPORT_ATTRIBUTE] = the_report
-
-
-def report(gm: nn.Module) -> ConversionReport:
-    """The ConversionReport that ``convert`` attached to ``gm``."""
-    found = getattr(gm, REPORT_ATTRIBUTE, None)
-    if found is None:
-        raise ValueError(
-            f"{type(gm).__name__} was not made by revcompile.convert: it has no report"
-        )
-    return found
