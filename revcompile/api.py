@@ -21,7 +21,13 @@ from revcompile.passes.partition import unsupported_reason
 from revcompile.passes.plan import plan
 from revcompile.passes.shape_prop import propagate_guessed_shapes, propagate_shapes
 from revcompile.passes.trace import trace
-from revcompile.report_builder import Rewrite, attach_report, build_report, report
+from revcompile.report_builder import (
+    Rewrite,
+    attach_report,
+    build_report,
+    count_parameters,
+    report,
+)
 
 __all__ = ["Analysis", "analyze", "attach_report", "convert", "pipeline", "report"]
 
@@ -129,8 +135,8 @@ def pipeline(
     the_report = build_report(
         the_plan,
         rewrites,
-        params_before=sum(p.numel() for p in model.parameters()),
-        params_after=sum(p.numel() for p in gm.parameters()) if rewrite else None,
+        params_before=count_parameters(model),
+        params_after=count_parameters(gm) if rewrite else None,
         policy=policy if rewrite else None,
         leftover=leftover,
     )
@@ -166,11 +172,12 @@ def _own_shared_state(gm: GraphModule, model: nn.Module) -> None:
     The stages are new, but the non-reversible layers (stem, downsampling
     blocks, head) and parameters read by ``get_attr`` are still ``model``'s.
     They are replaced where ``gm`` holds them (its containers are its own), with
-    one memo so that modules and tensors shared within the model stay shared.
+    one memo so that modules and tensors shared within the model stay shared,
+    seeded with copies that keep distinct tensors viewing one memory tied.
     """
-    originals = {id(m) for m in model.modules()}
-    originals.update(id(t) for t in (*model.parameters(), *model.buffers()))
-    memo: dict[int, object] = {}
+    tensors = [*model.parameters(), *model.buffers()]
+    originals = {id(m) for m in model.modules()} | {id(t) for t in tensors}
+    memo: dict[int, object] = _tied_copies(tensors)
     for owner in list(gm.modules()):
         if id(owner) in originals:
             continue
@@ -181,3 +188,34 @@ def _own_shared_state(gm: GraphModule, model: nn.Module) -> None:
             for name, tensor in tensors.items():
                 if tensor is not None and id(tensor) in originals:
                     tensors[name] = copy.deepcopy(tensor, memo)
+
+
+def _tied_copies(tensors: list[torch.Tensor]) -> dict[int, object]:
+    """Copies, by ``id`` of the original, of the tensors that share memory with another.
+
+    ``Parameter.__deepcopy__`` clones each Parameter on its own, which would
+    untie ``b.weight = nn.Parameter(a.weight)``; these copies view one cloned
+    storage, as the originals do.
+    """
+    groups: dict[int, list[torch.Tensor]] = {}
+    for tensor in {id(t): t for t in tensors}.values():
+        address = 0 if tensor.device.type == "meta" else tensor.untyped_storage().data_ptr()
+        if address:
+            groups.setdefault(address, []).append(tensor)
+    copies: dict[int, object] = {}
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        storage = group[0].untyped_storage().clone()
+        for tensor in group:
+            data = (
+                tensor.detach()
+                .new_empty(0)
+                .set_(storage, tensor.storage_offset(), tensor.size(), tensor.stride())
+            )
+            copies[id(tensor)] = (
+                nn.Parameter(data, tensor.requires_grad)
+                if isinstance(tensor, nn.Parameter)
+                else data.requires_grad_(tensor.requires_grad)
+            )
+    return copies

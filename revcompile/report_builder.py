@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
@@ -77,6 +78,31 @@ def build_report(
 def describe_rewrite(rewrite: Rewrite) -> str:
     """The report sentence of one rewrite record (a string is its own sentence)."""
     return rewrite if isinstance(rewrite, str) else rewrite.describe()
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter elements of ``module``, each tensor counted once.
+
+    ``module.parameters()`` already yields a shared Parameter once; distinct
+    Parameters that view the same memory (``nn.Parameter(other.weight)``) are
+    tied as well and counted once too. Tensors without storage (the meta
+    device) are told apart by identity only.
+    """
+    seen: set[tuple[int, ...]] = set()
+    total = 0
+    for param in module.parameters():
+        key = _memory_key(param)
+        if key not in seen:
+            seen.add(key)
+            total += param.numel()
+    return total
+
+
+def _memory_key(tensor: torch.Tensor) -> tuple[int, ...]:
+    address = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else 0
+    if address == 0:
+        return (id(tensor),)
+    return (address, tensor.storage_offset(), *tensor.shape, *tensor.stride())
 
 
 def kept_reason_text(reason: KeptReason, detail: str) -> str:
