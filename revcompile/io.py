@@ -40,9 +40,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from revcompile.api import attach_report, report
+from revcompile._version import __version__
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import RevcompileFileError, SourceError
+from revcompile.report_builder import attach_report, report
 
 __all__ = [
     "FORMAT",
@@ -406,8 +407,6 @@ def save(gm: GraphModule, path: str | os.PathLike[str]) -> None:
         ValueError: ``gm`` has no revcompile report (was not made by ``convert``).
         OSError: the directory is missing or not writable.
     """
-    from revcompile import __version__
-
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

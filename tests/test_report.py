@@ -7,6 +7,11 @@ returns, on a table of models.
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import models
 import torch
 from torch import nn
@@ -37,3 +42,49 @@ def test_params_count_tensors_sharing_memory_once() -> None:
     addresses = [p.data_ptr() for p in gm.parameters()]
     assert len(addresses) == len(set(addresses)) + 1  # the converted module keeps the tie
     assert report.params_after == sum(p.numel() for p in gm.parameters()) - tied
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSES_MAY_IMPORT = (
+    "revcompile.passes",
+    "revcompile.nn",
+    "revcompile.runtime",
+    "revcompile.errors",
+    "revcompile.options",
+    "revcompile.conversion_report",
+)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of the modules ``path`` imports (``from revcompile import x`` as
+    ``revcompile.x``), wherever the import statement is."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            if node.module == "revcompile":
+                names.update(f"revcompile.{alias.name}" for alias in node.names)
+            else:
+                names.add(node.module)
+    return names
+
+
+def test_passes_and_runtime_import_only_the_layers_below() -> None:
+    def own(path: Path) -> set[str]:
+        return {name for name in imported_modules(path) if name.split(".")[0] == "revcompile"}
+
+    for path in (ROOT / "passes").rglob("*.py"):
+        bad = {name for name in own(path) if not name.startswith(PASSES_MAY_IMPORT)}
+        assert not bad, f"{path.name} imports {bad}"
+    runtime = [ROOT / "revcompile" / "nn.py", *(ROOT / "revcompile" / "runtime").rglob("*.py")]
+    for path in filter(Path.exists, runtime):
+        bad = {n for n in own(path) if not n.startswith(("revcompile.nn", "revcompile.runtime"))}
+        assert not bad, f"{path.name} imports {bad}"
+    assert "revcompile.api" not in imported_modules(ROOT / "revcompile" / "io.py")
+
+
+def test_package_has_no_lazy_attributes_and_any_module_imports_first() -> None:
+    assert "__getattr__" not in vars(revcompile)
+    for first in ("revcompile.passes.emit", "revcompile.io", "revcompile.cli"):
+        subprocess.run([sys.executable, "-c", f"import {first}; import revcompile"], check=True)
