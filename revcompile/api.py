@@ -127,7 +127,7 @@ def pipeline(
     )
     rewrites: list[Rewrite] = []
     if rewrite:
-        _require_shapes(model, the_plan)
+        _require_shapes(model, gm, the_plan, inputs)
         rewrites = emit(gm, the_plan, policy=policy)
         cleanup(gm)
         _own_shared_state(gm, model)
@@ -157,13 +157,29 @@ def _propagate_shapes(gm: GraphModule, inputs: tuple[torch.Tensor, ...] | None) 
         propagate_shapes(gm, inputs)
 
 
-def _require_shapes(model: nn.Module, the_plan: Plan) -> None:
-    """Stages need shapes (channel counts, broadcasting checks)."""
-    if the_plan.stages and not the_plan.shapes_known:
+def _require_shapes(
+    model: nn.Module, gm: GraphModule, the_plan: Plan, inputs: tuple[torch.Tensor, ...] | None
+) -> None:
+    """Stages need shapes (channel counts, broadcasting checks); say which are unknown."""
+    if not the_plan.stages or the_plan.shapes_known:
+        return
+    name = type(model).__name__
+    if inputs is None:
         raise ConversionError(
-            f"could not infer the input shape of {type(model).__name__}; pass example_inputs "
-            "to convert() so that channel counts and broadcasting can be checked"
+            f"could not infer the input shape of {name}; pass example_inputs to convert() so "
+            "that channel counts and broadcasting can be checked"
         )
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    unknown = ", ".join(
+        f"{node.name} (given a {type(value).__name__})"
+        for node, value in zip(placeholders, inputs)
+        if "tensor_meta" not in node.meta
+    )
+    raise ConversionError(
+        f"the shapes of the inputs {unknown} of {name} are unknown, so channel counts and "
+        "broadcasting cannot be checked; give every forward argument as a tensor in "
+        "example_inputs, or bind the others in a wrapper module"
+    )
 
 
 def _own_shared_state(gm: GraphModule, model: nn.Module) -> None:

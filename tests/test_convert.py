@@ -330,3 +330,20 @@ def test_unsupported_blocks_are_kept_with_reason() -> None:
     assert all("unsupported op" in b.detail for b in blocks[2:])
     assert not stages(gm)
     compare_with_reference(gm, x, rtol=1e-9)
+
+
+def test_unknown_shapes_with_example_inputs_say_which_input() -> None:
+    """Issue 12: the error said "pass example_inputs" when they were passed."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = models.cifar_resnet(14)
+
+        def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+            return self.net(x) * scale
+
+    with pytest.raises(revcompile.ConversionError) as info:
+        revcompile.convert(Scaled(), (torch.randn(models.CIFAR_INPUT), 2.0))
+    assert "scale (given a float)" in str(info.value)
+    assert "pass example_inputs" not in str(info.value)
