@@ -13,10 +13,13 @@ import sys
 from pathlib import Path
 
 import models
+import pytest
 import torch
+import torchvision
 from torch import nn
 
 import revcompile
+from revcompile.nn import ReversibleSequence
 
 
 class TiedHead(nn.Module):
@@ -42,6 +45,43 @@ def test_params_count_tensors_sharing_memory_once() -> None:
     addresses = [p.data_ptr() for p in gm.parameters()]
     assert len(addresses) == len(set(addresses)) + 1  # the converted module keeps the tie
     assert report.params_after == sum(p.numel() for p in gm.parameters()) - tied
+
+
+AGREEMENT_MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(weights=None),
+    "resnet50": lambda: torchvision.models.resnet50(weights=None),
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(weights=None),
+    "convnext_tiny": lambda: torchvision.models.convnext_tiny(weights=None),
+    "cifar_resnet20": lambda: models.cifar_resnet(20),
+    "no_residuals": models.PlainNet,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(AGREEMENT_MODELS))
+def test_report_analysis_and_module_agree(name: str) -> None:
+    torch.manual_seed(0)
+    model = AGREEMENT_MODELS[name]()
+    x = torch.randn(2, 3, 32, 32)
+    analysis = revcompile.analyze(model, x)
+    gm = revcompile.convert(model, x)
+    converted = revcompile.report(gm)
+
+    def fates(report: revcompile.ConversionReport) -> list[tuple]:
+        return [(b.name, b.shortcut, b.fate, b.stage, b.code) for b in report.blocks]
+
+    assert fates(converted) == fates(analysis)
+    assert converted.stages == analysis.stages
+    sequences = {n: m for n, m in gm.named_modules() if isinstance(m, ReversibleSequence)}
+    assert sorted(sequences) == sorted(stage.name for stage in converted.stages)
+    for stage in converted.stages:
+        couplings = list(sequences[stage.name].couplings)
+        assert sum(c.G is not None for c in couplings) == stage.couplings
+        assert any(c.G is None for c in couplings) == stage.half
+        assert len(couplings) == stage.couplings + stage.half
+        assert sequences[stage.name].split == stage.split
+    assert converted.params_after == sum(p.numel() for p in gm.parameters())
+    assert converted.params_before == analysis.params_before
 
 
 ROOT = Path(__file__).resolve().parents[1]
