@@ -4,41 +4,28 @@
 stride-1 residual blocks are RevNet additive couplings, so training stores
 activations only at the inputs of non-reversible layers.
 
-The runtime (``revcompile.runtime``) is imported eagerly; the compiler API
-(``analyze``, ``convert``, ``report``) is loaded on first use so that
-the passes can import the runtime without an import cycle.
+The imports follow the layers: the runtime (``revcompile.runtime``) imports only
+torch, the passes import the runtime, errors, options and report modules, and
+``revcompile.api`` imports the passes; nothing below ``api`` imports it.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
-
-from revcompile.errors import ConversionError
+from revcompile import memory
+from revcompile._version import __version__
+from revcompile.api import analyze, convert, report
+from revcompile.conversion_report import ConversionReport
+from revcompile.errors import ConversionError, RevcompileError
+from revcompile.io import load, save
 from revcompile.runtime import AdditiveCoupling, ReversibleSequence, reference_mode
 
-if TYPE_CHECKING:
-    from revcompile.api import analyze, convert, report
-    from revcompile.conversion_report import ConversionReport
-    from revcompile.io import load, save
-
-__version__ = "0.1.0"
-
-_LAZY = {
-    "analyze": "revcompile.api",
-    "convert": "revcompile.api",
-    "report": "revcompile.api",
-    "ConversionReport": "revcompile.conversion_report",
-    "memory": "revcompile.memory",
-    "load": "revcompile.io",
-    "save": "revcompile.io",
-}
-
 __all__ = [
+    "__version__",
     "AdditiveCoupling",
     "ConversionError",
     "ConversionReport",
     "ReversibleSequence",
+    "RevcompileError",
     "analyze",
     "convert",
     "load",
@@ -47,12 +34,3 @@ __all__ = [
     "report",
     "save",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'revcompile' has no attribute {name!r}")
-    module = import_module(_LAZY[name])
-    value = module if module.__name__.endswith(name) else getattr(module, name)
-    globals()[name] = value
-    return value

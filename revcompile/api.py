@@ -9,7 +9,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.fx import GraphModule
-from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError
@@ -18,18 +17,26 @@ from revcompile.passes.cleanup import cleanup
 from revcompile.passes.emit import emit
 from revcompile.passes.find_residuals import find_residuals
 from revcompile.passes.ir import Plan
-from revcompile.passes.plan import plan, report_from_plan
+from revcompile.passes.partition import unsupported_reason
+from revcompile.passes.plan import plan
 from revcompile.passes.shape_prop import propagate_guessed_shapes, propagate_shapes
 from revcompile.passes.trace import trace
+from revcompile.report_builder import (
+    Rewrite,
+    attach_report,
+    build_report,
+    count_parameters,
+    report,
+)
 
-REPORT_ATTRIBUTE = "revcompile_report"
+__all__ = ["Analysis", "analyze", "attach_report", "convert", "pipeline", "report"]
 
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor] | None
 
 
 class Analysis(NamedTuple):
-    """What the analysis passes produce: the traced graph, the plan on its
-    nodes, and the report (which ``convert`` extends)."""
+    """What the pipeline produces: the traced (and, when converting, rewritten)
+    graph, the plan on its nodes, and the report."""
 
     gm: GraphModule
     plan: Plan
@@ -50,42 +57,7 @@ def analyze(model: nn.Module, example_inputs: ExampleInputs = None) -> Conversio
     ``model`` is not modified. Raises ``ConversionError`` when fx cannot trace
     ``model`` or it rejects the given ``example_inputs``.
     """
-    return run_analysis(model, example_inputs).report
-
-
-def run_analysis(
-    model: nn.Module,
-    example_inputs: ExampleInputs = None,
-    *,
-    leftover: Leftover = "store",
-    split: Split = "halve",
-) -> Analysis:
-    """trace -> shape propagation -> find_residuals -> plan, and the report.
-
-    ``leftover`` decides the odd last block of a chain: ``"store"`` keeps it an
-    ordinary block, ``"half"`` makes it a half-coupling. ``split`` chooses how
-    stages split their input (see ``convert``). ``gm`` shares its parameters
-    and buffers with ``model``; ``model`` is not modified.
-    """
-    from revcompile.passes.partition import unsupported_reason
-
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    gm = trace(model, n_inputs=None if example_inputs is None else len(example_inputs))
-    if example_inputs is None:
-        propagate_guessed_shapes(gm)
-    else:
-        propagate_shapes(gm, tuple(example_inputs))
-    blocks, rejected = find_residuals(gm)
-    the_plan = plan(
-        gm, blocks, rejected, branch_check=unsupported_reason, leftover=leftover, split=split
-    )
-    report = report_from_plan(
-        the_plan,
-        params_before=sum(p.numel() for p in model.parameters()),
-        leftover=leftover,
-    )
-    return Analysis(gm, the_plan, report)
+    return pipeline(model, example_inputs, rewrite=False).report
 
 
 def convert(
@@ -124,21 +96,90 @@ def convert(
     The converted network computes a different function from ``model`` (a
     RevNet of the same layout), meant to be trained.
     """
-    gm, the_plan, the_report = run_analysis(model, example_inputs, leftover=leftover, split=split)
-    if the_plan.stages and not the_plan.shapes_known:
-        raise ConversionError(
-            f"could not infer the input shape of {type(model).__name__}; pass example_inputs "
-            "to convert() so that channel counts and broadcasting can be checked"
-        )
-    changes = emit(gm, the_plan, policy=policy)
-    cleanup(gm)
-    _own_shared_state(gm, model)
-    gm.train(model.training)
-    the_report.changes += changes
-    the_report.params_after = sum(p.numel() for p in gm.parameters())
-    the_report.policy = policy
+    gm, _, the_report = pipeline(
+        model, example_inputs, rewrite=True, policy=policy, leftover=leftover, split=split
+    )
     attach_report(gm, the_report)
     return gm
+
+
+def pipeline(
+    model: nn.Module,
+    example_inputs: ExampleInputs = None,
+    *,
+    rewrite: bool,
+    policy: Policy = "checkpoint",
+    leftover: Leftover = "store",
+    split: Split = "halve",
+) -> Analysis:
+    """Every pass, in order; ``rewrite=False`` (``analyze``) stops after planning.
+
+    Options as in ``convert``. ``model`` is not modified: without ``rewrite``,
+    ``gm`` shares its parameters and buffers with ``model``; with it, ``gm``
+    owns them.
+    """
+    inputs = _as_tuple(example_inputs)
+    gm = trace(model, n_inputs=None if inputs is None else len(inputs))
+    _propagate_shapes(gm, inputs)
+    blocks, rejected = find_residuals(gm)
+    the_plan = plan(
+        gm, blocks, rejected, branch_check=unsupported_reason, leftover=leftover, split=split
+    )
+    rewrites: list[Rewrite] = []
+    if rewrite:
+        _require_shapes(model, gm, the_plan, inputs)
+        rewrites = emit(gm, the_plan, policy=policy)
+        cleanup(gm)
+        _own_shared_state(gm, model)
+        gm.train(model.training)
+    the_report = build_report(
+        the_plan,
+        rewrites,
+        params_before=count_parameters(model),
+        params_after=count_parameters(gm) if rewrite else None,
+        policy=policy if rewrite else None,
+        leftover=leftover,
+    )
+    return Analysis(gm, the_plan, the_report)
+
+
+def _as_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...] | None:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return None if example_inputs is None else tuple(example_inputs)
+
+
+def _propagate_shapes(gm: GraphModule, inputs: tuple[torch.Tensor, ...] | None) -> None:
+    """Shapes from ``inputs``, or from a guessed input when there are none."""
+    if inputs is None:
+        propagate_guessed_shapes(gm)
+    else:
+        propagate_shapes(gm, inputs)
+
+
+def _require_shapes(
+    model: nn.Module, gm: GraphModule, the_plan: Plan, inputs: tuple[torch.Tensor, ...] | None
+) -> None:
+    """Stages need shapes (channel counts, broadcasting checks); say which are unknown."""
+    if not the_plan.stages or the_plan.shapes_known:
+        return
+    name = type(model).__name__
+    if inputs is None:
+        raise ConversionError(
+            f"could not infer the input shape of {name}; pass example_inputs to convert() so "
+            "that channel counts and broadcasting can be checked"
+        )
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    unknown = ", ".join(
+        f"{node.name} (given a {type(value).__name__})"
+        for node, value in zip(placeholders, inputs)
+        if "tensor_meta" not in node.meta
+    )
+    raise ConversionError(
+        f"the shapes of the inputs {unknown} of {name} are unknown, so channel counts and "
+        "broadcasting cannot be checked; give every forward argument as a tensor in "
+        "example_inputs, or bind the others in a wrapper module"
+    )
 
 
 def _own_shared_state(gm: GraphModule, model: nn.Module) -> None:
@@ -147,11 +188,12 @@ def _own_shared_state(gm: GraphModule, model: nn.Module) -> None:
     The stages are new, but the non-reversible layers (stem, downsampling
     blocks, head) and parameters read by ``get_attr`` are still ``model``'s.
     They are replaced where ``gm`` holds them (its containers are its own), with
-    one memo so that modules and tensors shared within the model stay shared.
+    one memo so that modules and tensors shared within the model stay shared,
+    seeded with copies that keep distinct tensors viewing one memory tied.
     """
-    originals = {id(m) for m in model.modules()}
-    originals.update(id(t) for t in (*model.parameters(), *model.buffers()))
-    memo: dict[int, object] = {}
+    tensors = [*model.parameters(), *model.buffers()]
+    originals = {id(m) for m in model.modules()} | {id(t) for t in tensors}
+    memo: dict[int, object] = _tied_copies(tensors)
     for owner in list(gm.modules()):
         if id(owner) in originals:
             continue
@@ -164,23 +206,32 @@ def _own_shared_state(gm: GraphModule, model: nn.Module) -> None:
                     tensors[name] = copy.deepcopy(tensor, memo)
 
 
-def attach_report(gm: GraphModule, the_report: ConversionReport) -> None:
-    """Store ``the_report`` on ``gm`` so that it survives pickling and deepcopy.
+def _tied_copies(tensors: list[torch.Tensor]) -> dict[int, object]:
+    """Copies, by ``id`` of the original, of the tensors that share memory with another.
 
-    fx keeps a plain attribute through ``torch.save``/``torch.load`` but drops
-    it in ``copy.deepcopy``; the attributes listed in ``meta`` under
-    ``_USER_PRESERVED_ATTRIBUTES_KEY`` are restored by deepcopy (the mechanism
-    torch.ao.quantization uses for the same purpose).
+    ``Parameter.__deepcopy__`` clones each Parameter on its own, which would
+    untie ``b.weight = nn.Parameter(a.weight)``; these copies view one cloned
+    storage, as the originals do.
     """
-    setattr(gm, REPORT_ATTRIBUTE, the_report)
-    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[REPORT_ATTRIBUTE] = the_report
-
-
-def report(gm: nn.Module) -> ConversionReport:
-    """The ConversionReport that ``convert`` attached to ``gm``."""
-    found = getattr(gm, REPORT_ATTRIBUTE, None)
-    if found is None:
-        raise ValueError(
-            f"{type(gm).__name__} was not made by revcompile.convert: it has no report"
-        )
-    return found
+    groups: dict[int, list[torch.Tensor]] = {}
+    for tensor in {id(t): t for t in tensors}.values():
+        address = 0 if tensor.device.type == "meta" else tensor.untyped_storage().data_ptr()
+        if address:
+            groups.setdefault(address, []).append(tensor)
+    copies: dict[int, object] = {}
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        storage = group[0].untyped_storage().clone()
+        for tensor in group:
+            data = (
+                tensor.detach()
+                .new_empty(0)
+                .set_(storage, tensor.storage_offset(), tensor.size(), tensor.stride())
+            )
+            copies[id(tensor)] = (
+                nn.Parameter(data, tensor.requires_grad)
+                if isinstance(tensor, nn.Parameter)
+                else data.requires_grad_(tensor.requires_grad)
+            )
+    return copies

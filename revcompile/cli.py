@@ -28,7 +28,13 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+import torch
+
 from revcompile import options
+from revcompile.api import analyze, convert, report
+from revcompile.errors import ConversionError, InputShapeError, RevcompileError, SourceError
+from revcompile.io import atomic_write, load_source, probe_writable, save
+from revcompile.memory import activation_memory_formula, max_batch_size, saved_activation_bytes
 
 __all__ = ["main"]
 
@@ -47,11 +53,11 @@ _UNITS = {
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
 
-class UsageError(Exception):
+class UsageError(RevcompileError):
     """A bad argument or path: exit code 2."""
 
 
-class WriteError(Exception):
+class WriteError(RevcompileError):
     """Writing an output failed after the checks passed (disk full...): exit code 1."""
 
 
@@ -236,8 +242,6 @@ def _same_file(a: str, b: str) -> bool:
 
 def _check_outputs(args: argparse.Namespace, outputs: dict[str, str]) -> None:
     """Refuse outputs that would overwrite an input or each other, or cannot be written."""
-    from revcompile.io import probe_writable
-
     inputs = {"SRC": args.src, "--weights": args.weights}
     inputs = {k: v for k, v in inputs.items() if v is not None and os.path.exists(v)}
     seen: dict[str, str] = {}
@@ -269,16 +273,12 @@ def _check_outputs(args: argparse.Namespace, outputs: dict[str, str]) -> None:
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    from revcompile.io import load_source
-
     return load_source(
         args.src, kwargs=args.kwargs, weights=args.weights, trust_pickle=args.trust_pickle
     )
 
 
 def _example_input(model: Any, shape: tuple[int, ...] | None) -> Any:
-    import torch
-
     if shape is None:
         return None
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -287,8 +287,6 @@ def _example_input(model: Any, shape: tuple[int, ...] | None) -> Any:
 
 
 def _training_saved_bytes(model: Any, x: Any) -> int:
-    from revcompile.memory import saved_activation_bytes
-
     was_training = model.training
     model.train()
     try:
@@ -305,9 +303,6 @@ def _params_line(report: Any) -> str:
 
 def run_convert(args: argparse.Namespace) -> int:
     """``revcompile convert``: load, convert, report, write OUT (and the JSON report)."""
-    from revcompile.api import convert, report
-    from revcompile.io import atomic_write, save
-
     outputs = {"OUT": args.output}
     if args.report:
         outputs["--report"] = args.report
@@ -356,10 +351,6 @@ def _dynamic_dims(shape: tuple[int, ...]) -> dict[str, tuple[int, int]]:
 
 def _memory_model(model: Any, shape: tuple[int, ...], x: Any, budget: int | None) -> dict[str, Any]:
     """Formula, bytes at ``shape`` and largest batch within ``budget`` for ``model``."""
-    import torch
-
-    from revcompile.memory import activation_memory_formula, max_batch_size
-
     dynamic = _dynamic_dims(shape)
     # Sizes 0 and 1 are special-cased by symbolic shapes: trace the formula at >= 2.
     traced_shape = list(shape)
@@ -396,8 +387,6 @@ def _memory_model(model: Any, shape: tuple[int, ...], x: Any, budget: int | None
 
 def run_inspect(args: argparse.Namespace) -> int:
     """``revcompile inspect``: analysis and memory model, printed; writes nothing."""
-    from revcompile.api import analyze, convert, report
-
     if args.budget is not None and args.input_shape is None:
         raise UsageError(
             "--budget needs --input-shape (the memory model is computed from an input shape)"
@@ -475,8 +464,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``revcompile`` command line; returns the exit code."""
     args = build_parser().parse_args(argv)
     debug = args.debug
-    from revcompile.errors import ConversionError, InputShapeError, SourceError
-
     command = {"convert": run_convert, "inspect": run_inspect}[args.command]
     try:
         with warnings.catch_warnings():
@@ -487,11 +474,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_USAGE, _one_line(error), debug)
     except WriteError as error:
         return _fail(EXIT_CONVERSION, str(error), debug)
-    except ConversionError as error:
-        message = _one_line(error)
-        if isinstance(error, InputShapeError):
-            message += "; give an --input-shape the model accepts (batch first)"
+    except InputShapeError as error:
+        message = f"{_one_line(error)}; give an --input-shape the model accepts (batch first)"
         return _fail(EXIT_CONVERSION, f"cannot convert {args.src}: {message}", debug)
+    except ConversionError as error:
+        return _fail(EXIT_CONVERSION, f"cannot convert {args.src}: {_one_line(error)}", debug)
+    except RevcompileError as error:
+        return _fail(EXIT_CONVERSION, _one_line(error), debug)
     except KeyboardInterrupt:
         return _fail(
             EXIT_INTERRUPTED,

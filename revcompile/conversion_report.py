@@ -48,8 +48,10 @@ class BlockReport:
 
     ``fate`` is ``"F"`` / ``"G"`` (a branch of a coupling of stage ``stage``),
     ``"half"`` (a half-coupling) or ``"kept"`` (stays an ordinary residual
-    block; ``reason`` says why in words, e.g. ``"projection shortcut"``, and
-    ``code`` is the stable ``KeptReason`` value, e.g. ``"projection"``).
+    block; ``reason`` says why in words, e.g. ``"projection shortcut"``,
+    ``code`` is the stable ``KeptReason`` value, e.g. ``"projection"``, and
+    ``detail`` the specifics: which op, which reader, which shapes). Reports
+    written before ``code`` and ``detail`` existed load with both None.
     """
 
     name: str
@@ -58,6 +60,7 @@ class BlockReport:
     stage: str | None = None
     reason: str | None = None
     code: str | None = None
+    detail: str | None = None
 
 
 @dataclass

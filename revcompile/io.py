@@ -29,6 +29,7 @@ import difflib
 import importlib
 import os
 import pickle
+import pickletools
 import re
 import tempfile
 import zipfile
@@ -40,9 +41,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from revcompile.api import attach_report, report
+from revcompile._version import __version__
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import RevcompileFileError, SourceError
+from revcompile.report_builder import attach_report, report
 
 __all__ = [
     "FORMAT",
@@ -198,16 +200,13 @@ def _from_file(path: str, *, trust_pickle: bool) -> nn.Module:
 
 def _unpickle(path: str, what: str) -> Any:
     """Full unpickling (code runs): torch.save archives, legacy torch files, plain pickles."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except RuntimeError as error:
-        if "magic number" not in str(error):
-            raise _corrupt(path, what, error) from error
-    except (pickle.UnpicklingError, EOFError, OSError, KeyError, ValueError) as error:
-        raise _corrupt(path, what, error) from error
-    except (AttributeError, ImportError) as error:
-        raise _missing_class(path, what, error) from error
-    # Not torch's format: a plain pickle.dump of the module.
+    if zipfile.is_zipfile(path) or _is_legacy_torch_file(path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+            raise _corrupt(path, what, e) from e
+        except (AttributeError, ImportError) as error:
+            raise _missing_class(path, what, error) from error
     try:
         with open(path, "rb") as f:
             return pickle.load(f)
@@ -215,6 +214,19 @@ def _unpickle(path: str, what: str) -> Any:
         raise _missing_class(path, what, error) from error
     except Exception as error:
         raise _corrupt(path, what, error) from error
+
+
+def _is_legacy_torch_file(path: str) -> bool:
+    """True if ``path`` starts with torch's pre-zip magic number, read without unpickling
+    (a plain ``pickle.dump`` starts with the object itself)."""
+    with open(path, "rb") as f:
+        try:
+            for opcode, arg, _ in pickletools.genops(f):
+                if opcode.name != "PROTO":
+                    return arg == torch.serialization.MAGIC_NUMBER
+        except ValueError:  # not a pickle opcode stream
+            return False
+    return False
 
 
 def _missing_class(path: str, what: str, error: BaseException) -> SourceError:
@@ -406,8 +418,6 @@ def save(gm: GraphModule, path: str | os.PathLike[str]) -> None:
         ValueError: ``gm`` has no revcompile report (was not made by ``convert``).
         OSError: the directory is missing or not writable.
     """
-    from revcompile import __version__
-
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

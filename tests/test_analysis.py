@@ -12,14 +12,15 @@ import torch
 import torchvision
 from hypothesis import given
 from revcompile.passes.find_residuals import find_residuals
-from revcompile.passes.plan import plan, report_from_plan
+from revcompile.passes.plan import plan
 from revcompile.passes.shape_prop import propagate_shapes
 from revcompile.passes.trace import trace
 from strategies import GeneratedNet, build_model, residual_nets
 
-from revcompile.api import analyze, run_analysis
+from revcompile.api import analyze, pipeline
 from revcompile.conversion_report import ConversionReport, KeptReason
 from revcompile.errors import ConversionError
+from revcompile.report_builder import build_report
 
 
 def _split(report: ConversionReport) -> tuple[list[str], list[str]]:
@@ -130,7 +131,7 @@ def test_cifar_resnet164_bottleneck() -> None:
 
 
 def test_preact_resnet() -> None:
-    result = run_analysis(models.preact_resnet(20), torch.randn(models.CIFAR_INPUT))
+    result = pipeline(models.preact_resnet(20), torch.randn(models.CIFAR_INPUT), rewrite=False)
     report = result.report
     assert _split(report)[0] == ["layer2.0", "layer3.0"]
     assert [s.blocks for s in report.stages] == [
@@ -142,7 +143,7 @@ def test_preact_resnet() -> None:
 
 
 def test_residual_spellings_nested_in_containers() -> None:
-    result = run_analysis(models.SpellingsNet(), torch.randn(2, 3, 8, 8))
+    result = pipeline(models.SpellingsNet(), torch.randn(2, 3, 8, 8), rewrite=False)
     names = ["stages.0.0", "stages.0.1.inner", "stages.1.0", "stages.1.1"]
     assert [b.name for b in result.report.blocks] == names
     assert [b.fate for b in result.report.blocks] == ["F", "G", "F", "G"]
@@ -163,10 +164,11 @@ def test_add_assign_at_top_level() -> None:
 
 def test_nested_residual_blocks() -> None:
     report = analyze(models.NestedResidualNet(), torch.randn(2, 3, 8, 8))
-    fates = {b.name: (b.fate, b.reason) for b in report.blocks}
+    fates = {b.name: (b.fate, b.code) for b in report.blocks}
     assert fates["outer.0"][0] == "F" and fates["outer.1"][0] == "G"
-    assert fates["outer"][0] == "kept"
-    assert fates["outer"][1].startswith("contains nested residual blocks")
+    assert fates["outer"] == ("kept", KeptReason.NESTED.value)
+    (outer,) = [b for b in report.blocks if b.name == "outer"]
+    assert outer.detail == "outer.0, outer.1"
 
 
 def test_inception_style_add_is_rejected() -> None:
@@ -180,16 +182,16 @@ def test_broadcasting_adds_are_kept_with_shapes() -> None:
     report = analyze(models.BroadcastAddNet(), torch.randn(2, 3, 8, 8))
     assert report.stages == []
     for block in report.blocks:
-        assert block.fate == "kept"
-        assert "(2, 8, 1, 1)" in block.reason and "(2, 8, 8, 8)" in block.reason
+        assert (block.fate, block.code) == ("kept", KeptReason.BROADCAST.value)
+        assert "(2, 8, 1, 1)" in block.detail and "(2, 8, 8, 8)" in block.detail
 
 
 def test_feature_tap_block_is_kept() -> None:
     report = analyze(models.FeatureTapNet(), torch.randn(2, 3, 8, 8))
     tapped, clean = report.blocks
     assert tapped.name == "block1" and tapped.fate == "kept"
-    assert tapped.reason.startswith("branch output used outside the block")
-    assert "aux_head" in tapped.reason
+    assert tapped.code == KeptReason.TAPPED.value
+    assert "aux_head" in tapped.detail
     assert (clean.name, clean.fate, clean.code) == ("block2", "kept", KeptReason.ODD_LEFTOVER.value)
 
 
@@ -239,7 +241,8 @@ def test_odd_channel_count_is_kept() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), models.TorchAddBlock(3))
     report = analyze(model, torch.randn(2, 3, 8, 8))
     (block,) = report.blocks
-    assert block.fate == "kept" and block.reason.startswith("odd channel count")
+    assert (block.fate, block.code) == ("kept", KeptReason.NOT_HALVABLE.value)
+    assert "odd channel count" in block.detail
 
 
 def test_half_leftover_and_branch_check() -> None:
@@ -265,8 +268,18 @@ def test_report_round_trip_and_table() -> None:
     data = json.loads(json.dumps(report.to_dict()))
     assert ConversionReport.from_dict(data) == report
     text = str(report)
-    assert "layer1_rev" in text and "projection shortcut" in text
-    assert report_from_plan(run_analysis(models.PlainNet()).plan).blocks == []
+    assert "layer1_rev" in text and KeptReason.PROJECTION.words in text
+    assert build_report(pipeline(models.PlainNet(), rewrite=False).plan).blocks == []
+
+
+def test_report_without_codes_still_loads() -> None:
+    """Reports written before BlockReport had ``code`` and ``detail``."""
+    data = analyze(torchvision.models.resnet18(weights=None)).to_dict()
+    for block in data["blocks"]:
+        del block["code"], block["detail"]
+    old = ConversionReport.from_dict(data)
+    assert [b.reason for b in old.kept] == [b["reason"] for b in data["blocks"] if b["reason"]]
+    assert {b.code for b in old.blocks} == {None}
 
 
 @given(residual_nets())

@@ -25,13 +25,14 @@ from torch import nn
 
 import revcompile
 from revcompile import AdditiveCoupling, ReversibleSequence, reference_mode
-from revcompile.conversion_report import ConversionReport
+from revcompile.conversion_report import ConversionReport, KeptReason
 from revcompile.memory import saved_activation_bytes
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 needs_timm = pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed (pip install timm)")
-ODD = "odd leftover"
-PROJECTION = "projection shortcut"
+ODD = KeptReason.ODD_LEFTOVER.value
+PROJECTION = KeptReason.PROJECTION.value
+NOT_HALVABLE = KeptReason.NOT_HALVABLE.value
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,7 +74,7 @@ class Case:
     size: int
     blocks: int
     splits: dict[str, int]  # split -> blocks converted into stages of that split
-    kept: dict[str, int] = field(default_factory=dict)  # reason prefix -> count
+    kept: dict[str, int] = field(default_factory=dict)  # KeptReason code -> count
     split: str = "auto"
     leftover: str = "store"
     marks: tuple = ()
@@ -140,11 +141,7 @@ def converted_blocks(report: ConversionReport) -> Counter[str]:
 
 
 def kept_reasons(report: ConversionReport) -> Counter[str]:
-    reasons: Counter[str] = Counter()
-    for block in report.kept:
-        prefix = next((p for p in (ODD, PROJECTION) if block.reason.startswith(p)), block.reason)
-        reasons[prefix] += 1
-    return reasons
+    return Counter(block.code for block in report.kept)
 
 
 @pytest.mark.parametrize(
@@ -172,15 +169,12 @@ def test_halve_keeps_attention_blocks_with_a_reason_naming_duplicate() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     vit = revcompile.analyze(small_vit_b_16(), x)
-    attention = [b for b in vit.blocks if "MultiheadAttention" in (b.reason or "")]
+    attention = [b for b in vit.blocks if "MultiheadAttention" in (b.detail or "")]
     assert len(attention) == 2
-    assert all("split='auto' or 'duplicate'" in b.reason for b in attention)
+    assert {b.code for b in attention} == {NOT_HALVABLE}
     swin = revcompile.analyze(torchvision.models.swin_t(), x)
-    reasons = Counter(b.reason.split(";")[0] for b in swin.kept)
-    assert reasons == {
-        "unsupported op torchvision.models.swin_transformer.shifted_window_attention in branch": 12,
-        "odd leftover (leftover='half' makes it a half-coupling)": 12,
-    }
+    assert Counter(b.code for b in swin.kept) == {NOT_HALVABLE: 12, ODD: 12}
+    assert all("shifted_window_attention" in b.detail for b in swin.kept if b.code == NOT_HALVABLE)
 
 
 def test_halve_finds_the_channels_last_axis_of_token_mlps() -> None:

@@ -435,3 +435,32 @@ def test_load_rejects_other_files(tmp_path: Path) -> None:
         rio.load(tmp_path / "nope.pt")
     with pytest.raises(rio.SourceError, match="--weights apply only to a factory"):
         rio.load_source(str(state), weights=state)
+
+
+UNPICKLED: list[str] = []
+
+
+class CountedNet(models.PlainNet):
+    """Records every unpickling: code named in a pickle runs each time it is loaded."""
+
+    def __setstate__(self, state: dict) -> None:
+        UNPICKLED.append(type(self).__name__)
+        super().__setstate__(state)
+
+
+def test_plain_pickle_is_unpickled_once_and_legacy_torch_files_load(tmp_path: Path) -> None:
+    plain, legacy = tmp_path / "plain.pkl", tmp_path / "legacy.pt"
+    with open(plain, "wb") as f:
+        pickle.dump(CountedNet(), f)
+    torch.save(models.PlainNet(), legacy, _use_new_zipfile_serialization=False)
+    UNPICKLED.clear()
+    assert isinstance(rio.load_source(str(plain), trust_pickle=True), CountedNet)
+    assert UNPICKLED == ["CountedNet"]
+    assert isinstance(rio.load_source(str(legacy), trust_pickle=True), models.PlainNet)
+
+
+def test_cli_errors_belong_to_the_hierarchy() -> None:
+    from revcompile.cli import UsageError, WriteError
+
+    assert issubclass(UsageError, revcompile.RevcompileError)
+    assert issubclass(WriteError, revcompile.RevcompileError)

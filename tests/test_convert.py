@@ -22,6 +22,7 @@ from torchvision.ops import StochasticDepth
 
 import revcompile
 from revcompile import reference_mode
+from revcompile.conversion_report import KeptReason
 from revcompile.memory import saved_activation_bytes
 from revcompile.runtime import CheckpointedSegment, ReversibleSequence
 
@@ -323,8 +324,26 @@ def test_unsupported_blocks_are_kept_with_reason() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     gm = convert64(OddChannelNet(), x.float())
-    reasons = [b.reason for b in revcompile.report(gm).blocks]
-    assert all(r is not None and r.startswith("odd channel count") for r in reasons[:2])
-    assert all(r is not None and "unsupported op" in r for r in reasons[2:])
+    blocks = revcompile.report(gm).blocks
+    assert {b.code for b in blocks} == {KeptReason.NOT_HALVABLE.value}
+    assert all("odd channel count" in b.detail for b in blocks[:2])
+    assert all("unsupported op" in b.detail for b in blocks[2:])
     assert not stages(gm)
     compare_with_reference(gm, x, rtol=1e-9)
+
+
+def test_unknown_shapes_with_example_inputs_say_which_input() -> None:
+    """Issue 12: the error said "pass example_inputs" when they were passed."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = models.cifar_resnet(14)
+
+        def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+            return self.net(x) * scale
+
+    with pytest.raises(revcompile.ConversionError) as info:
+        revcompile.convert(Scaled(), (torch.randn(models.CIFAR_INPUT), 2.0))
+    assert "scale (given a float)" in str(info.value)
+    assert "pass example_inputs" not in str(info.value)
