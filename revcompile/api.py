@@ -18,6 +18,7 @@ from revcompile.passes.cleanup import cleanup
 from revcompile.passes.emit import emit
 from revcompile.passes.find_residuals import find_residuals
 from revcompile.passes.ir import Plan
+from revcompile.passes.normalize import normalize
 from revcompile.passes.plan import plan, report_from_plan
 from revcompile.passes.shape_prop import propagate_guessed_shapes, propagate_shapes
 from revcompile.passes.trace import trace
@@ -76,7 +77,7 @@ def run_analysis(
         propagate_guessed_shapes(gm)
     else:
         propagate_shapes(gm, tuple(example_inputs))
-    blocks, rejected = find_residuals(gm)
+    blocks, rejected = find_residuals(normalize(gm))
     the_plan = plan(
         gm, blocks, rejected, branch_check=unsupported_reason, leftover=leftover, split=split
     )
