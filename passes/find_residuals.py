@@ -14,7 +14,9 @@ For every add-like node ``join`` (``operator.add``, ``operator.iadd``,
    auxiliary heads) are recorded in ``ResidualBlock.tapped``; planning keeps
    such blocks. A fork that is also read elsewhere does not disqualify the
    block (only chaining, which planning checks).
-3. Identity shortcut iff ``fork`` is an operand of ``join``. Otherwise the
+3. Identity shortcut iff ``fork`` is an operand of ``join``, or ``0 + fork``
+   is (Python's ``sum([x, f(x)])``; the ``0 +`` lies in the region, so a
+   converted block drops it with the rest of the block). Otherwise the
    operand whose exclusive path has no nonlinearity (an activation, or a
    norm-activation module such as timm's BatchNormAct2d) is a projection
    shortcut (1x1 conv + norm, subsample + zero-pad, pooling); when both or neither
