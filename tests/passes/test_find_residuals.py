@@ -14,9 +14,11 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import models
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from equivalence import compare_with_reference
 from original_function import assert_same_function, assert_state_unchanged, state_snapshot
 from revcompile.passes.find_residuals import find_residuals
@@ -274,3 +276,26 @@ def test_adds_into_the_model_input_stay_as_they_are() -> None:
     with torch.no_grad():
         assert torch.equal(gm(x_gm), model(x_model))
     assert torch.equal(x_gm, x_model) and not torch.equal(x_gm, x)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        models.SpellingsNet,
+        models.NestedResidualNet,
+        models.InceptionAddNet,
+        models.FeatureTapNet,
+        models.ConstantAddNet,
+        lambda: models.cifar_resnet(20),
+        lambda: torchvision.models.resnet18(weights=None),
+        lambda: torchvision.models.vit_b_16(weights=None),
+    ],
+    ids=["spellings", "nested", "inception", "tap", "constant", "cifar20", "resnet18", "vit"],
+)
+def test_every_add_once_on_the_zoo(factory: Callable[[], nn.Module]) -> None:
+    """find_residuals' postcondition, after normalize, on the test zoo."""
+    gm = normalize(trace(factory()))
+    blocks, rejected = find_residuals(gm)
+    adds = [node for node in gm.graph.nodes if is_add(node)]
+    seen = [block.join for block in blocks] + [item.node for item in rejected]
+    assert sorted(seen, key=adds.index) == adds

@@ -155,3 +155,25 @@ def test_dead_pure_code_goes_side_effects_stay() -> None:
     targets = [node.target for node in gm.graph.nodes]
     assert "unused" not in targets
     assert "bn" in targets and torch._assert in targets
+
+
+def test_operator_iadd_is_a_write_and_a_join() -> None:
+    """``operator.iadd`` (fx records ``out += x`` as ``operator.add`` on a Proxy;
+    hand-built graphs and other tracers hold ``iadd``) writes its first argument."""
+    from revcompile.passes.find_residuals import find_residuals
+
+    root = nn.Module()
+    root.conv = nn.Conv2d(4, 4, 3, padding=1)
+    graph = Graph()
+    x = graph.placeholder("x")
+    out = graph.call_module("conv", (x,))
+    graph.call_function(operator.iadd, (out, x))
+    graph.output(graph.call_function(torch.relu, (out,)))
+    gm = GraphModule(root, graph)
+    value = _input().float()
+    want = gm(value)
+    normalize(gm)
+    assert not hidden_writes(gm)
+    assert torch.equal(gm(value), want)
+    (block,), rejected = find_residuals(gm)
+    assert block.shortcut == "identity" and block.join.target is operator.iadd and not rejected
