@@ -14,7 +14,9 @@ For every add-like node ``join`` (``operator.add``, ``operator.iadd``,
    auxiliary heads) are recorded in ``ResidualBlock.tapped``; planning keeps
    such blocks. A fork that is also read elsewhere does not disqualify the
    block (only chaining, which planning checks).
-3. Identity shortcut iff ``fork`` is an operand of ``join``. Otherwise the
+3. Identity shortcut iff ``fork`` is an operand of ``join``, or ``0 + fork``
+   is (Python's ``sum([x, f(x)])``; the ``0 +`` lies in the region, so a
+   converted block drops it with the rest of the block). Otherwise the
    operand whose exclusive path has no nonlinearity (an activation, or a
    norm-activation module such as timm's BatchNormAct2d) is a projection
    shortcut (1x1 conv + norm, subsample + zero-pad, pooling); when both or neither
@@ -24,18 +26,37 @@ For every add-like node ``join`` (``operator.add``, ``operator.iadd``,
    block's ``post_op``.
 
 Adds of a constant, adds whose operands come from different model inputs and
-adds whose result is unused are rejected with the reason.
+adds whose result is unused are rejected with the reason, and so are adds whose
+scalars are part of the function (``alpha=``, ``out=``: the coupling would drop
+them) and adds whose block contains, straddles or touches an in-place write the
+data flow does not show (``revcompile.passes.normalize.hidden_writes``: a write
+into a view, a parameter or an input). A side effect nobody reads (an in-place
+statement, ``torch._assert``) counts as an output of the graph, so a block
+whose branch feeds one is tapped. ``0 + x`` (Python's ``sum([x, f(x)])``
+starts at 0) is transparent: ``sum([x, f(x)])`` is an identity block.
+
+Run ``revcompile.passes.normalize.normalize`` first: it makes in-place
+statements such as ``out.add_(x)`` joins of the data flow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import networkx as nx
 import torch
-from revcompile.passes.graph_utils import common_module_prefix, module_path
+from revcompile.passes.graph_utils import common_module_prefix, graph_position, module_path
 from revcompile.passes.ir import RejectedAdd, ResidualBlock
-from revcompile.passes.ops import ACTIVATION_NAMES, NOT_ELEMENTWISE, activation_name, is_add
+from revcompile.passes.normalize import hidden_writes
+from revcompile.passes.ops import (
+    ACTIVATION_NAMES,
+    NOT_ELEMENTWISE,
+    activation_name,
+    has_side_effect,
+    is_add,
+    op_name,
+)
 from torch.fx import GraphModule, Node
 
 
@@ -66,27 +87,34 @@ def find_residuals(gm: GraphModule) -> tuple[list[ResidualBlock], list[RejectedA
     else the add node's name. ``gm`` is not modified.
     """
     flow = _dataflow_graph(gm)
-    dominator = _immediate_dominators(flow, SOURCE)
-    post_dominates = _PostDominance(flow)
+    graph = _Graph(
+        gm,
+        dominator=_immediate_dominators(flow, SOURCE),
+        post_dominates=_PostDominance(flow),
+        hidden=hidden_writes(gm),
+        position=graph_position(gm.graph),
+    )
     blocks: list[ResidualBlock] = []
     rejected: list[RejectedAdd] = []
     for node in gm.graph.nodes:
         if not is_add(node):
             continue
-        found = _analyse_add(gm, node, dominator, post_dominates)
+        found = _analyse_add(graph, node)
         (blocks if isinstance(found, ResidualBlock) else rejected).append(found)
     _make_names_unique(blocks)
     return blocks, rejected
 
 
 def _dataflow_graph(gm: GraphModule) -> nx.DiGraph:
+    """Edges from each node to its users; the source feeds the placeholders; the
+    output and every side effect whose result nobody reads feed the sink."""
     flow = nx.DiGraph()
     flow.add_nodes_from((SOURCE, SINK))
     for node in gm.graph.nodes:
         flow.add_node(node)
         if node.op == "placeholder":
             flow.add_edge(SOURCE, node)
-        elif node.op == "output":
+        elif node.op == "output" or (not node.users and has_side_effect(node, gm)):
             flow.add_edge(node, SINK)
         flow.add_edges_from((node, user) for user in node.users)
     return flow
@@ -135,6 +163,17 @@ class _PostDominance:
         return self.entry[a] <= self.entry[node] and self.exit[node] <= self.exit[a]
 
 
+@dataclass
+class _Graph:
+    """What the analysis of one add needs to know about the whole graph."""
+
+    gm: GraphModule
+    dominator: dict
+    post_dominates: _PostDominance
+    hidden: dict[Node, set[Node]]
+    position: Callable[[Node], int]
+
+
 def _add_operands(node: Node) -> tuple[object, object]:
     """The two summands, whether passed by position or by keyword."""
     names = ("self", "other") if node.op == "call_method" else ("input", "other")
@@ -143,18 +182,74 @@ def _add_operands(node: Node) -> tuple[object, object]:
     return operands[0], operands[1]
 
 
-def _analyse_add(
-    gm: GraphModule, join: Node, dominator: dict, post_dominates: _PostDominance
-) -> ResidualBlock | RejectedAdd:
+def _is_zero(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+
+
+def _zero_add_input(node: object) -> Node | None:
+    """``n`` when ``node`` is ``0 + n`` or ``n + 0`` (a Python zero, no alpha), else None."""
+    if not isinstance(node, Node) or not is_add(node) or set(node.kwargs) - {"input", "other"}:
+        return None
+    first, second = _add_operands(node)
+    if _is_zero(first) and isinstance(second, Node):
+        return second
+    if _is_zero(second) and isinstance(first, Node):
+        return first
+    return None
+
+
+def _scalar_reason(join: Node) -> str | None:
+    """Why the add's extra arguments forbid a coupling (which adds its branch
+    exactly once), or None. ``torch.add(x, f, alpha=a)`` is a fused multiply-add:
+    moving ``a`` elsewhere would change the rounding of the kept add."""
+    alpha = join.kwargs.get("alpha", 1)
+    if isinstance(alpha, Node) or alpha != 1:
+        shown = alpha.name if isinstance(alpha, Node) else repr(alpha)
+        return f"scales its second operand (alpha={shown}): kept as it is, alpha and all"
+    out = join.kwargs.get("out")
+    if out is not None:
+        shown = out.name if isinstance(out, Node) else repr(out)
+        return f"writes its result into out={shown}: kept as it is"
+    return None
+
+
+def _hidden_write_reason(graph: _Graph, join: Node, fork: Node, region: set[Node]) -> str | None:
+    """Why an in-place write the data flow does not show forbids the block: it
+    lies between fork and join (it may read or write what the block computes),
+    or it may write a tensor of the block (through a view, a parameter, an input)."""
+    block = {fork, join, *region}
+    start, end = graph.position(fork), graph.position(join)
+    for write, aliases in graph.hidden.items():
+        if start < graph.position(write) <= end or aliases & block:
+            return (
+                f"{write.name} ({op_name(write)}) writes in place into a tensor that may share "
+                "memory with others (a view, a parameter or an input), so the data flow does "
+                "not show the write; the block is kept as it is"
+            )
+    return None
+
+
+def _analyse_add(graph: _Graph, join: Node) -> ResidualBlock | RejectedAdd:
+    gm, dominator, post_dominates = graph.gm, graph.dominator, graph.post_dominates
     operands = _add_operands(join)
     constants = [op for op in operands if not isinstance(op, Node) or op not in dominator]
+    if _zero_add_input(join) is not None:
+        return RejectedAdd(
+            join,
+            "adds zero (Python's sum() starts at 0); the add that reads it sees the other operand",
+        )
     if constants:
         described = ", ".join(
             f"{op.op} {op.target}" if isinstance(op, Node) else repr(op) for op in constants
         )
         return RejectedAdd(join, f"adds a constant ({described}), not a residual branch")
+    scalar_reason = _scalar_reason(join)
+    if scalar_reason is not None:
+        return RejectedAdd(join, scalar_reason)
+    if not join.users:
+        return RejectedAdd(join, "result of the add is never used")
     if not post_dominates.reaches_output(join):
-        return RejectedAdd(join, "result of the add is never used (an in-place add statement?)")
+        return RejectedAdd(join, "result of the add reaches neither the output nor a side effect")
     fork = dominator[join]
     if fork is SOURCE:
         return RejectedAdd(join, "operands come from different model inputs: no single fork")
@@ -163,6 +258,9 @@ def _analyse_add(
         return RejectedAdd(join, f"adds {first.name} to itself, not a residual branch")
 
     region = _region(fork, join, dominator)
+    hidden_reason = _hidden_write_reason(graph, join, fork, region)
+    if hidden_reason is not None:
+        return RejectedAdd(join, hidden_reason)
     tapped = [
         node
         for node in region
@@ -172,9 +270,10 @@ def _analyse_add(
             for user in node.users
         )
     ]
-    if fork in operands:
-        shortcut_out = fork
-        branch_out = second if first is fork else first
+    zero_added = [op for op in operands if _zero_add_input(op) is fork]
+    if fork in operands or zero_added:
+        shortcut_out = fork if fork in operands else zero_added[0]
+        branch_out = second if first is shortcut_out else first
         shortcut = "identity"
     else:
         projection = _projection_operand(gm, fork, first, second, dominator)

@@ -185,3 +185,113 @@ def op_name(node: Node) -> str:
     if node.op == "call_module":
         return type(node.graph.owning_module.get_submodule(node.target)).__name__
     return node.op
+
+
+# ---------------------------------------------------------------- side effects
+
+INPLACE_OPERATORS = frozenset(
+    {
+        operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+        operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
+        operator.ixor, operator.ilshift, operator.irshift,
+    }
+)  # fmt: skip
+
+
+def _inplace_by_name(node: Node) -> bool:
+    """PyTorch's naming rule: a public function or Tensor method whose name ends in
+    one ``_`` writes its first argument (``x.copy_``, ``x.zero_``, ``nn.init.zeros_``).
+    ``operator.and_`` and friends are excluded: their ``_`` only avoids a keyword."""
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name)
+    name = getattr(node.target, "__name__", "")
+    return (
+        node.op == "call_function"
+        and name.endswith("_")
+        and not name.startswith("_")
+        and getattr(operator, name, None) is not node.target
+    )
+
+
+def written_tensor(node: Node, gm: GraphModule) -> Node | None:
+    """The graph value ``node`` writes in place, or None.
+
+    Covers everything ``writes_in_place`` does plus the spellings it does not
+    name: any in-place Tensor method (``copy_``, ``zero_``, ``fill_``), in-place
+    functions (``nn.init.zeros_``), augmented-assignment operators and an
+    ``out=`` argument (``torch.add(x, y, out=buf)`` writes ``buf``).
+    """
+    out = node.kwargs.get("out")
+    if isinstance(out, Node):
+        return out
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return None
+    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    if not isinstance(first, Node):
+        return None
+    writes = (
+        (node.op == "call_function" and node.target in INPLACE_OPERATORS)
+        or _inplace_by_name(node)
+        or writes_in_place(node, gm)
+    )
+    return first if writes else None
+
+
+RANDOM_NAMES = frozenset(
+    {
+        "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_dropout",
+        "feature_alpha_dropout", "rrelu", "gumbel_softmax", "fractional_max_pool2d",
+        "fractional_max_pool3d", "bernoulli", "multinomial", "normal", "poisson", "rand",
+        "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm",
+    }
+)  # fmt: skip
+"""Functions and methods that draw from the torch RNG, by name."""
+
+PURE_FUNCTION_MODULES = ("torch", "_operator", "operator", "builtins", "math")
+
+
+def _module_has_effects(module: torch.nn.Module) -> bool:
+    """A call of ``module`` may change state or draw random numbers: a class from
+    outside ``torch.nn`` (unknown code), buffers (running statistics,
+    power-iteration vectors), hooks, in-place layers, dropout."""
+    for sub in module.modules():
+        cls = type(sub)
+        if not cls.__module__.startswith("torch.nn."):
+            return True
+        if sub._buffers or sub._forward_hooks or sub._forward_pre_hooks:
+            return True
+        if getattr(sub, "inplace", False) or "Dropout" in cls.__name__:
+            return True
+        if cls.__name__ in ("RReLU", "FractionalMaxPool2d", "FractionalMaxPool3d"):
+            return True
+        dropout = getattr(sub, "dropout", 0.0)
+        if isinstance(dropout, float) and dropout > 0:
+            return True
+    return False
+
+
+def has_side_effect(node: Node, gm: GraphModule) -> bool:
+    """Whether running ``node`` matters beyond its result, so that dead-code
+    elimination must keep it: placeholders and the output, in-place writes
+    (``written_tensor``, ``x[i] = y``), fx's impure calls (``torch._assert``,
+    ``torch._C._set_grad_enabled``, RNG draws), dropout and other random ops,
+    modules that may change state (``_module_has_effects``), and calls of
+    functions from outside torch (a ``torch.fx.wrap``-ed user function)."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "get_attr":
+        return False
+    if node.op == "call_function" and node.target is operator.setitem:
+        return True
+    if written_tensor(node, gm) is not None or node.is_impure():
+        return True
+    if node.op == "call_module":
+        return _module_has_effects(gm.get_submodule(str(node.target)))
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name in RANDOM_NAMES:
+        return True
+    if node.op == "call_function":  # stochastic depth functions come from outside torch
+        module = getattr(node.target, "__module__", None) or "torch"
+        return module.split(".")[0] not in PURE_FUNCTION_MODULES
+    return False

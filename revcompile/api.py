@@ -17,6 +17,7 @@ from revcompile.passes.cleanup import cleanup
 from revcompile.passes.emit import emit
 from revcompile.passes.find_residuals import find_residuals
 from revcompile.passes.ir import Plan
+from revcompile.passes.normalize import normalize
 from revcompile.passes.partition import unsupported_reason
 from revcompile.passes.plan import plan
 from revcompile.passes.shape_prop import propagate_guessed_shapes, propagate_shapes
@@ -121,6 +122,7 @@ def pipeline(
     inputs = _as_tuple(example_inputs)
     gm = trace(model, n_inputs=None if inputs is None else len(inputs))
     _propagate_shapes(gm, inputs)
+    normalize(gm)
     blocks, rejected = find_residuals(gm)
     the_plan = plan(
         gm, blocks, rejected, branch_check=unsupported_reason, leftover=leftover, split=split
