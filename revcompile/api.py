@@ -132,13 +132,23 @@ def convert(
         )
     changes = emit(gm, the_plan, policy=policy)
     cleanup(gm)
+    _set_new_modules_mode(gm, model)
     _own_shared_state(gm, model)
-    gm.train(model.training)
     the_report.changes += changes
     the_report.params_after = sum(p.numel() for p in gm.parameters())
     the_report.policy = policy
     attach_report(gm, the_report)
     return gm
+
+
+def _set_new_modules_mode(gm: GraphModule, model: nn.Module) -> None:
+    """Give the modules conversion made (stages, segments, containers) ``model``'s
+    training flag; the user's layers keep their own (a BatchNorm kept in eval()
+    inside a model in train() stays so)."""
+    originals = {id(m) for m in model.modules()}
+    for module in gm.modules():
+        if id(module) not in originals:
+            module.training = model.training
 
 
 def _own_shared_state(gm: GraphModule, model: nn.Module) -> None:
