@@ -187,9 +187,20 @@ def _trace_mode_independent(
     mode_dependent: set[int] = set()
     proxy_root = False
     while True:
-        tracer, graph, watch = _trace_once(
-            model, defaults, snapshot, frozenset(mode_dependent), proxy_root
-        )
+        try:
+            tracer, graph, watch = _trace_once(
+                model, defaults, snapshot, frozenset(mode_dependent), proxy_root
+            )
+        except PythonRandomnessError:
+            raise
+        except ConversionError as error:
+            if not proxy_root:
+                raise
+            raise ConversionError(
+                f"the forward of {type(model).__name__} branches on self.training; move the "
+                "mode-dependent code into a submodule (it is then kept as a leaf module that "
+                "reads its own flag)"
+            ) from error
         culprits = _mode_dependent_modules(
             watch,
             graph,
@@ -201,9 +212,8 @@ def _trace_mode_independent(
             return TracedGraphModule(tracer.root, graph, type(model).__name__)
         if any(m is model for m in culprits) and proxy_root:
             raise ConversionError(
-                f"the forward of {type(model).__name__} branches on self.training; move the "
-                "mode-dependent code into a submodule (it is then kept as a leaf module that "
-                "reads its own flag)"
+                f"the forward of {type(model).__name__} still depends on self.training after "
+                "reading it at run time; move the mode-dependent code into a submodule"
             )
         proxy_root = proxy_root or any(m is model for m in culprits)
         mode_dependent.update(id(m) for m in culprits if m is not model)
@@ -240,6 +250,14 @@ def _mode_dependent_modules(
     return [m for m in read if changes_graph([m])] or read
 
 
+class _Untraceable(Exception):
+    """fx failed; ``error`` is the ConversionError to raise if no retry helps."""
+
+    def __init__(self, error: ConversionError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _trace_once(
     model: nn.Module,
     defaults: dict[str, object],
@@ -247,34 +265,67 @@ def _trace_once(
     mode_dependent: frozenset[int],
     proxy_root: bool,
 ) -> tuple[ResidualTracer, Graph, TraceWatch]:
-    """One trace, fixing the None defaults (then every default, if control flow
-    needs them); refuses randomness and attribute writes; restores ``model``."""
-    none_defaults = {k: v for k, v in defaults.items() if v is None}
-    attempts = [none_defaults] if none_defaults == defaults else [none_defaults, defaults]
-    for i, fixed in enumerate(attempts):
-        tracer = ResidualTracer(mode_dependent)
-        watch = TraceWatch(tracer, model, proxy_root_training=proxy_root)
+    """One traced graph: the None defaults fixed; if control flow needs more,
+    every default fixed, then each non-None one freed again where tracing
+    still succeeds without it (``scale`` stays a parameter next to a fixed
+    ``is_causal``)."""
+    trace_with = functools.partial(_trace_fixing, model, snapshot, mode_dependent, proxy_root)
+    fixed = {k: v for k, v in defaults.items() if v is None}
+    try:
+        return trace_with(fixed)
+    except _Untraceable as failure:
+        if fixed == defaults:
+            raise failure.error from failure.error.__cause__
+    fixed = dict(defaults)
+    try:
+        result = trace_with(fixed)
+    except _Untraceable as failure:
+        raise failure.error from failure.error.__cause__
+    for name in [k for k, v in defaults.items() if v is not None]:
+        freed = {k: v for k, v in fixed.items() if k != name}
         try:
-            with watching(watch):
-                graph = tracer.trace(model, concrete_args=fixed or None)
-            _refuse_hidden_state(model, watch, snapshot)
-        except ConversionError:
-            raise
-        except Exception as error:
-            _refuse_hidden_state(model, watch, snapshot)
-            if i + 1 < len(attempts):
-                continue
-            raise _trace_error(model, tracer, error) from error
-        finally:
-            snapshot.restore()
-        _guard_fixed_parameters(graph, set(fixed))
-        for node in graph.nodes:
-            # fx's code for a wrapped function registers torch.fx.wrap of its dotted
-            # name when executed, which breaks every later trace in the process.
-            if node.target in USER_CHECKPOINT_FUNCTIONS:
-                node.meta.pop("is_wrapped", None)
-        return tracer, graph, watch
-    raise AssertionError("unreachable: the last attempt returns or raises")
+            result = trace_with(freed)
+        except _Untraceable:
+            continue
+        fixed = freed
+    return result
+
+
+def _trace_fixing(
+    model: nn.Module,
+    snapshot: ModuleSnapshot,
+    mode_dependent: frozenset[int],
+    proxy_root: bool,
+    fixed: dict[str, object],
+) -> tuple[ResidualTracer, Graph, TraceWatch]:
+    """Trace with ``fixed`` as concrete_args; refuses randomness and attribute
+    writes (ConversionError); raises ``_Untraceable`` when fx fails; restores
+    ``model``."""
+    tracer = ResidualTracer(mode_dependent)
+    watch = TraceWatch(tracer, model, proxy_root_training=proxy_root)
+    try:
+        with watching(watch):
+            graph = tracer.trace(model, concrete_args=fixed or None)
+        _refuse_hidden_state(model, watch, snapshot)
+    except ConversionError:
+        raise
+    except Exception as error:
+        _refuse_hidden_state(model, watch, snapshot)
+        conversion_error = _trace_error(model, tracer, error)
+        conversion_error.__cause__ = error
+        raise _Untraceable(conversion_error) from error
+    finally:
+        snapshot.restore()
+    _guard_fixed_parameters(graph, set(fixed))
+    for node in list(graph.nodes):
+        # fx's code for a wrapped function registers torch.fx.wrap of its dotted
+        # name when executed, which breaks every later trace in the process.
+        if node.target in USER_CHECKPOINT_FUNCTIONS:
+            node.meta.pop("is_wrapped", None)
+        # grad-mode contexts read the mode more often than they restore it
+        if node.target is torch.is_grad_enabled and not node.users:
+            graph.erase_node(node)
+    return tracer, graph, watch
 
 
 def _refuse_hidden_state(model: nn.Module, watch: TraceWatch, snapshot: ModuleSnapshot) -> None:
