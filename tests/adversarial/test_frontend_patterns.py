@@ -642,3 +642,64 @@ def test_untraceable_model_error_names_the_submodule() -> None:
     with pytest.raises(ConversionError, match=re.escape("1.1 (DataDependent)")) as error:
         revcompile.convert(model, X.float())
     assert "leaf module" in str(error.value) and "concrete_args" in str(error.value)
+
+
+# ------------------------------------------------- with stages, every option
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn(self.conv(x)))
+
+
+class FrontendNet(nn.Module):
+    """A no_grad stem, a residual chain, a timm-style dropout head, an OrderedDict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 3, padding=1)
+        self.blocks = nn.Sequential(*[ResidualBlock() for _ in range(4)])
+        self.head = TimmHead(nn.Identity())
+
+    def forward(self, x, scale=1.0):
+        with torch.no_grad():
+            x = torch.relu(self.stem(x))
+        h = self.blocks(x) * scale
+        return collections.OrderedDict(logits=self.head(h), features=h)
+
+
+@pytest.mark.parametrize("policy", ["checkpoint", "store"])
+@pytest.mark.parametrize("split", ["halve", "duplicate", "auto"])
+def test_frontend_semantics_survive_stages(policy: str, split: str) -> None:
+    torch.manual_seed(0)
+    model = FrontendNet().double()
+    before = original_state(model)
+    gm = revcompile.convert(model, X, policy=policy, split=split)
+    assert revcompile.report(gm).stages
+    # policy="checkpoint" outlines the stem and head into CheckpointedSegments
+    # (emit), which prefixes their keys: ``stem_2.body.stem.weight``.
+    params = {
+        re.sub(r"^(stem|head)(_\d+)?\.body\.", "", name): p for name, p in gm.named_parameters()
+    }
+    assert {"stem.weight", "stem.bias", "head.fc.weight"} <= set(params)
+    if policy == "store":
+        assert {"stem.weight", "stem.bias", "head.fc.weight"} <= set(gm.state_dict())
+
+    out = gm(X, scale=2.0)
+    assert type(out) is collections.OrderedDict and list(out) == ["logits", "features"]
+    sum(t.square().sum() for t in out.values()).backward()
+    assert params["stem.weight"].grad is None, "the no_grad stem got a gradient"
+    assert params["head.fc.weight"].grad is not None
+    assert_same_state(before, original_state(model))
+
+    gm.eval()
+    with torch.no_grad():
+        assert torch.equal(gm(X)["logits"], gm(X)["logits"]), "eval must be deterministic"
+    gm.train()
+    with torch.no_grad():
+        assert not torch.equal(gm(X)["logits"], gm(X)["logits"]), "train dropout lost"
