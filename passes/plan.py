@@ -182,7 +182,8 @@ def report_from_plan(
 
 
 def _shapes_known(gm: GraphModule) -> bool:
-    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    # a forward parameter with a default (``scale=1.0``) is not an input to shape
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder" and not node.args]
     return bool(placeholders) and all("tensor_meta" in node.meta for node in placeholders)
 
 

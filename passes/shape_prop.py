@@ -140,10 +140,12 @@ def guess_example_inputs(gm: GraphModule) -> list[tuple[torch.Tensor, ...]]:
     - ``Conv1d(c, ...)``: ``(2, c, s)``; ``Conv3d(c, ...)``: ``(2, c, 16, s, s)``;
     - ``Linear(n, ...)``: ``(2, n)``.
 
-    Returns an empty list when the model has more or fewer than one input or no
-    such layer. The tensors are zeros on the CPU (small: only their shape is used).
+    Returns an empty list when the model has more or fewer than one input
+    without a default, or no such layer. The tensors are zeros on the CPU
+    (small: only their shape is used).
     """
-    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    # parameters with a default (``scale=1.0``, a fixed ``attn_mask=None``) need no guess
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder" and not node.args]
     if len(placeholders) != 1:
         return []
     for node in gm.graph.nodes:

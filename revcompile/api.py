@@ -132,8 +132,8 @@ def pipeline(
         _require_shapes(model, gm, the_plan, inputs)
         rewrites = emit(gm, the_plan, policy=policy)
         cleanup(gm)
+        _set_new_modules_mode(gm, model)
         _own_shared_state(gm, model)
-        gm.train(model.training)
     the_report = build_report(
         the_plan,
         rewrites,
@@ -182,6 +182,16 @@ def _require_shapes(
         "broadcasting cannot be checked; give every forward argument as a tensor in "
         "example_inputs, or bind the others in a wrapper module"
     )
+
+
+def _set_new_modules_mode(gm: GraphModule, model: nn.Module) -> None:
+    """Give the modules conversion made (stages, segments, containers) ``model``'s
+    training flag; the user's layers keep their own (a BatchNorm kept in eval()
+    inside a model in train() stays so)."""
+    originals = {id(m) for m in model.modules()}
+    for module in gm.modules():
+        if id(module) not in originals:
+            module.training = model.training
 
 
 def _own_shared_state(gm: GraphModule, model: nn.Module) -> None:

@@ -43,3 +43,7 @@ class RevcompileFileError(RevcompileError, ValueError):
 
 class MeasurementTimeout(RevcompileError, TimeoutError):
     """A measurement in a fresh process did not finish in time."""
+
+
+class PythonRandomnessError(ConversionError):
+    """Traced code draws Python-level random numbers (``random``, ``numpy.random``)."""
