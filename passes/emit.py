@@ -2,11 +2,12 @@
 
 Each Stage of the plan becomes one ``call_module`` of a ``ReversibleSequence``
 whose couplings hold F and G branches built by
-``revcompile.passes.partition.build_branch``: half-width along the channel axis
-``halving_dim`` finds for a ``halve`` stage, full-width copies for a
-``duplicate`` stage. The nodes the stage absorbed are erased; the
-post-op of the stage's last block is re-applied after the stage, out of place
-(the stage's output is saved for backward and must not be written).
+``revcompile.passes.partition.build_branch`` from the partition records the
+plan holds: half-width along the stage's channel axis for a ``halve`` stage,
+full-width copies for a ``duplicate`` stage (emit analyses nothing itself).
+The nodes the stage absorbed are erased; the post-op of the stage's last
+block is re-applied after the stage, out of place (the stage's output is saved
+for backward and must not be written).
 
 With ``policy="checkpoint"`` every non-reversible segment left between stages
 (stem, downsampling blocks, odd leftovers, head) is then wrapped in a
@@ -18,26 +19,37 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from revcompile.passes.graph_utils import (
     common_module_prefix,
     graph_position,
-    tensor_shape,
     unique_name,
 )
-from revcompile.passes.ir import Coupling, Plan, Stage
+from revcompile.passes.ir import (
+    BranchPartition,
+    Coupling,
+    Plan,
+    PostOpAfterStage,
+    PostOpMoved,
+    ResidualBlock,
+    Rewrite,
+    SegmentCheckpointed,
+    Stage,
+    StageEmitted,
+)
 from revcompile.passes.ops import out_of_place, reads_metadata_only
-from revcompile.passes.partition import build_branch, channel_axes, halving_dim
+from revcompile.passes.partition import build_branch
 from torch.fx import Graph, GraphModule, Node
 
 from revcompile import options
-from revcompile.errors import ConversionError
 from revcompile.nn import AdditiveCoupling, CheckpointedSegment, ReversibleSequence
 from revcompile.options import Policy
 
+Partitions = Mapping[ResidualBlock, BranchPartition]
 
-def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[str]:
+
+def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[Rewrite]:
     """Replace every stage of ``plan`` in ``gm`` by a ReversibleSequence, in place.
 
     Preconditions: ``plan`` was computed on ``gm``'s current graph with shapes
@@ -49,14 +61,14 @@ def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[
     the absorbed blocks' nodes are erased; with ``policy="checkpoint"`` and at
     least one stage, every other compute node sits inside a
     ``CheckpointedSegment``. ``gm`` still needs ``cleanup`` (dead submodules,
-    lint, recompile). Returns the rewrites made, one sentence each, for the
-    report.
+    lint, recompile). Returns the rewrites made, one record each (``describe()``
+    gives the report's sentence).
     """
     options.check("policy", policy, Policy)
     # Every stage is built from the original graph before any of it is rewritten.
-    built = [_build_stage(gm, stage) for stage in plan.stages]
+    built = [_build_stage(gm, stage, plan.partitions) for stage in plan.stages]
     replaced: dict[Node, Node] = {}
-    changes: list[str] = []
+    changes: list[Rewrite] = []
     for stage, module in zip(plan.stages, built):
         changes += _emit_stage(gm, stage, module, replaced)
     _erase_dead_constants(gm.graph)
@@ -68,22 +80,21 @@ def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[
     return changes
 
 
-def _build_stage(gm: GraphModule, stage: Stage) -> ReversibleSequence:
-    """The ReversibleSequence of ``stage``: half-width branches along the channel
-    axis ``halving_dim`` finds, or full-width copies for a duplicate stage."""
+def _build_stage(gm: GraphModule, stage: Stage, partitions: Partitions) -> ReversibleSequence:
+    """The ReversibleSequence of ``stage``: half-width branches along the stage's
+    channel axis, or full-width copies for a duplicate stage."""
+    halves = None
     if stage.split == "halve":
-        dim = halving_dim(gm, stage.couplings[0].f)
-        channels = _channels(stage.input, dim)
+        channels = stage.channels
+        assert channels is not None  # a halve stage's width comes from its partition records
         halves = slice(0, channels // 2), slice(channels // 2, channels)
-    else:
-        dim, halves = channel_axes(stage.input)[0], None
-    couplings = [_coupling(gm, coupling, halves, dim) for coupling in stage.couplings]
-    return ReversibleSequence(couplings, dim=dim, name=stage.name, split=stage.split)
+    couplings = [_coupling(gm, coupling, halves, partitions) for coupling in stage.couplings]
+    return ReversibleSequence(couplings, dim=stage.dim, name=stage.name, split=stage.split)
 
 
 def _emit_stage(
     gm: GraphModule, stage: Stage, module: ReversibleSequence, replaced: dict[Node, Node]
-) -> list[str]:
+) -> list[Rewrite]:
     """Put ``module`` in place of ``stage``'s nodes. ``replaced`` maps the
     outputs of stages emitted before to the nodes now computing them (a stage
     may start where the previous one ends); it is extended with this one's."""
@@ -113,9 +124,8 @@ def _emit_stage(
         for user in list(node.users):
             if user not in inside and reads_metadata_only(user):
                 user.replace_input_with(node, stage_input)
-    changes = [
-        f"{len(absorbed)} nodes of {len(module.couplings)} couplings became {stage.name} "
-        f"(split={stage.split}, dim={module.dim})"
+    changes: list[Rewrite] = [
+        StageEmitted(stage.name, len(absorbed), len(module.couplings), stage.split, module.dim)
     ]
 
     graph = gm.graph
@@ -125,7 +135,7 @@ def _emit_stage(
     if last.post_op is not None:
         with graph.inserting_after(stage_node):
             result = _copy_out_of_place(gm, last.post_op, stage_node, f"{stage.name}_post_op")
-        changes.append(f"post-op {_describe(last.post_op)} of {last.name} stays after {stage.name}")
+        changes.append(PostOpAfterStage(_describe(last.post_op), last.name, stage.name))
     last.output.replace_all_uses_with(result)
     replaced[last.output] = result
     if last.post_op is not None:
@@ -139,10 +149,7 @@ def _emit_stage(
             (coupling.g, coupling.g_pre_op, "G"),
         ):
             if block is not None and pre_op is not None:
-                changes.append(
-                    f"post-op {_describe(pre_op)} moved to the start of {which} "
-                    f"({block.name}) in {stage.name}"
-                )
+                changes.append(PostOpMoved(_describe(pre_op), which, block.name, stage.name))
     return changes
 
 
@@ -163,30 +170,21 @@ def _erase_dead_constants(graph: Graph) -> None:
 
 
 def _coupling(
-    gm: GraphModule, coupling: Coupling, halves: tuple[slice, slice] | None, dim: int
+    gm: GraphModule,
+    coupling: Coupling,
+    halves: tuple[slice, slice] | None,
+    partitions: Partitions,
 ) -> AdditiveCoupling:
     """With ``halves = (low, high)``, F reads x2 (high half) and writes into y1
     (low half), G the other way round; with None both keep full width."""
     low, high = halves if halves is not None else (None, None)
-    f = build_branch(
-        gm, coupling.f, pre_op=coupling.f_pre_op, reads=high, writes=low, channels_dim=dim
-    )
+    f = build_branch(gm, partitions[coupling.f], pre_op=coupling.f_pre_op, reads=high, writes=low)
     g = None
     if coupling.g is not None:
         g = build_branch(
-            gm, coupling.g, pre_op=coupling.g_pre_op, reads=low, writes=high, channels_dim=dim
+            gm, partitions[coupling.g], pre_op=coupling.g_pre_op, reads=low, writes=high
         )
     return AdditiveCoupling(f, g)
-
-
-def _channels(node: Node, dim: int) -> int:
-    shape = tensor_shape(node)
-    if shape is None:
-        raise ConversionError(
-            f"the shape of {node.name} is unknown; pass example_inputs to convert() so that "
-            "channel counts can be checked"
-        )
-    return shape[dim]
 
 
 def _copy_out_of_place(gm: GraphModule, node: Node, new_input: Node, name: str) -> Node:
@@ -208,7 +206,7 @@ def _describe(node: Node) -> str:
     return str(node.target) if node.op == "call_module" else node.name
 
 
-def _checkpoint_segments(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[str]:
+def _checkpoint_segments(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[Rewrite]:
     """Wrap each maximal run of non-stage compute nodes in a CheckpointedSegment."""
     runs: list[list[Node]] = [[]]
     for node in gm.graph.nodes:
@@ -221,7 +219,7 @@ def _checkpoint_segments(gm: GraphModule, is_stage: Callable[[Node], bool]) -> l
     last_stage = next(n for n in reversed(gm.graph.nodes) if is_stage(n))
     order = graph_position(gm.graph)
     used_names = set(dict(gm.named_modules())) | set(dir(gm))
-    changes = []
+    changes: list[Rewrite] = []
     for segment in segments:
         if order(segment[-1]) < order(first_stage):
             base = "stem"
@@ -231,7 +229,7 @@ def _checkpoint_segments(gm: GraphModule, is_stage: Callable[[Node], bool]) -> l
             base = _span_name(gm, segment)
         name = unique_name(base, used_names)
         _outline(gm, segment, name)
-        changes.append(f"{len(segment)} nodes checkpointed as {name}")
+        changes.append(SegmentCheckpointed(name, len(segment)))
     return changes
 
 

@@ -18,6 +18,7 @@ from revcompile.passes.cleanup import cleanup
 from revcompile.passes.emit import emit
 from revcompile.passes.find_residuals import find_residuals
 from revcompile.passes.ir import Plan
+from revcompile.passes.partition import partition
 from revcompile.passes.plan import plan, report_from_plan
 from revcompile.passes.shape_prop import propagate_guessed_shapes, propagate_shapes
 from revcompile.passes.trace import trace
@@ -60,15 +61,13 @@ def run_analysis(
     leftover: Leftover = "store",
     split: Split = "halve",
 ) -> Analysis:
-    """trace -> shape propagation -> find_residuals -> plan, and the report.
+    """trace -> shape propagation -> find_residuals -> partition -> plan, and the report.
 
     ``leftover`` decides the odd last block of a chain: ``"store"`` keeps it an
     ordinary block, ``"half"`` makes it a half-coupling. ``split`` chooses how
     stages split their input (see ``convert``). ``gm`` shares its parameters
     and buffers with ``model``; ``model`` is not modified.
     """
-    from revcompile.passes.partition import unsupported_reason
-
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     gm = trace(model, n_inputs=None if example_inputs is None else len(example_inputs))
@@ -77,9 +76,8 @@ def run_analysis(
     else:
         propagate_shapes(gm, tuple(example_inputs))
     blocks, rejected = find_residuals(gm)
-    the_plan = plan(
-        gm, blocks, rejected, branch_check=unsupported_reason, leftover=leftover, split=split
-    )
+    partitions = partition(gm, blocks)
+    the_plan = plan(gm, blocks, rejected, partitions, leftover=leftover, split=split)
     report = report_from_plan(
         the_plan,
         params_before=sum(p.numel() for p in model.parameters()),
@@ -134,7 +132,7 @@ def convert(
     cleanup(gm)
     _own_shared_state(gm, model)
     gm.train(model.training)
-    the_report.changes += changes
+    the_report.changes += [change.describe() for change in changes]
     the_report.params_after = sum(p.numel() for p in gm.parameters())
     the_report.policy = policy
     attach_report(gm, the_report)

@@ -26,6 +26,7 @@ class KeptReason(Enum):
     BROADCAST = "broadcast"
     ODD_LEFTOVER = "odd_leftover"
     NOT_HALVABLE = "not_halvable"
+    READS_OUTSIDE = "reads_outside"
 
     @property
     def words(self) -> str:
@@ -39,6 +40,7 @@ _KEPT_WORDS = {
     KeptReason.BROADCAST: "branch output shape differs from the shortcut's (broadcasting add)",
     KeptReason.ODD_LEFTOVER: "odd leftover",
     KeptReason.NOT_HALVABLE: "branch cannot be split into channel halves",
+    KeptReason.READS_OUTSIDE: "branch reads a value from outside the block",
 }
 
 
