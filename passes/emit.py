@@ -17,7 +17,6 @@ inputs.
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Callable, Mapping
 
@@ -29,6 +28,7 @@ from revcompile.passes.graph_utils import (
 from revcompile.passes.ir import (
     BranchPartition,
     Coupling,
+    MadeOutOfPlace,
     Plan,
     PostOpAfterStage,
     PostOpMoved,
@@ -38,11 +38,13 @@ from revcompile.passes.ir import (
     Stage,
     StageEmitted,
 )
-from revcompile.passes.ops import out_of_place, reads_metadata_only
+from revcompile.passes.ops import reads_metadata_only, writes_in_place
 from revcompile.passes.partition import build_branch
+from revcompile.passes.partition.inplace import copy_out_of_place, replace_out_of_place
 from torch.fx import Graph, GraphModule, Node
 
 from revcompile import options
+from revcompile.errors import ConversionError
 from revcompile.nn import AdditiveCoupling, CheckpointedSegment, ReversibleSequence
 from revcompile.options import Policy
 
@@ -72,12 +74,61 @@ def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[
     for stage, module in zip(plan.stages, built):
         changes += _emit_stage(gm, stage, module, replaced)
     _erase_dead_constants(gm.graph)
-    if policy == "checkpoint" and plan.stages:
-        stage_names = {stage.name for stage in plan.stages}
-        changes += _checkpoint_segments(
-            gm, lambda n: n.op == "call_module" and n.target in stage_names
-        )
+    stage_names = {stage.name for stage in plan.stages}
+
+    def is_stage(node: Node) -> bool:
+        return node.op == "call_module" and node.target in stage_names
+
+    checkpoint = policy == "checkpoint" and bool(plan.stages)
+    changes += _protect_saved_values(gm, is_stage, checkpoint)
+    if checkpoint:
+        changes += _checkpoint_segments(gm, is_stage)
     return changes
+
+
+def _protect_saved_values(
+    gm: GraphModule, is_stage: Callable[[Node], bool], checkpoint: bool
+) -> list[Rewrite]:
+    """Make the in-place writers of values backward needs out-of-place.
+
+    A stage saves its output for backward, a checkpointed segment its inputs
+    (and recomputes from them): a later in-place write of either
+    (``Dropout2d(inplace=True)`` after a chain, ``x.relu_()`` on the model
+    input) would corrupt backward. Each such writer is replaced by its
+    out-of-place version (in-place modules are copied, never changed), and
+    every later reader reads the written value as before.
+    """
+    saved = {node for node in gm.graph.nodes if is_stage(node)}
+    if checkpoint:
+        for run in _runs(gm, is_stage):
+            members = set(run)
+            saved.update(a for n in run for a in n.all_input_nodes if a not in members)
+    used_names = set(dict(gm.named_modules())) | set(dir(gm))
+    changes: list[Rewrite] = []
+    for node in list(gm.graph.nodes):
+        written = node.args[0] if node.args and node.op.startswith("call_") else None
+        if written not in saved or not writes_in_place(node, gm):
+            continue
+        if node.op == "call_function" and node.target is operator.setitem:
+            raise ConversionError(
+                f"{node.name} assigns into {written.name} in place, which backward needs; "
+                "assign into a clone instead"
+            )
+        described = _describe(node)
+        replace_out_of_place(gm, node, unique_name(f"{node.name}_out_of_place", used_names))
+        changes.append(MadeOutOfPlace(described, written.name))
+    return changes
+
+
+def _runs(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[list[Node]]:
+    """The maximal runs of non-stage compute nodes, in graph order."""
+    runs: list[list[Node]] = [[]]
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output") or is_stage(node):
+            runs.append([])
+        else:
+            runs[-1].append(node)
+    return [run for run in runs if any(n.op.startswith("call_") for n in run)]
 
 
 def _build_stage(gm: GraphModule, stage: Stage, partitions: Partitions) -> ReversibleSequence:
@@ -134,7 +185,7 @@ def _emit_stage(
     result = stage_node
     if last.post_op is not None:
         with graph.inserting_after(stage_node):
-            result = _copy_out_of_place(gm, last.post_op, stage_node, f"{stage.name}_post_op")
+            result = copy_out_of_place(gm, last.post_op, stage_node, f"{stage.name}_post_op")
         changes.append(PostOpAfterStage(_describe(last.post_op), last.name, stage.name))
     last.output.replace_all_uses_with(result)
     replaced[last.output] = result
@@ -187,34 +238,13 @@ def _coupling(
     return AdditiveCoupling(f, g)
 
 
-def _copy_out_of_place(gm: GraphModule, node: Node, new_input: Node, name: str) -> Node:
-    """``node`` applied to ``new_input`` instead of its first argument, never in place.
-
-    An in-place module (``ReLU(inplace=True)``) is copied under ``name`` rather
-    than changed: ``gm`` may share it with the user's model.
-    """
-    target, args, kwargs, _ = out_of_place(node, gm)
-    if node.op == "call_module" and getattr(gm.get_submodule(str(target)), "inplace", False):
-        module = copy.deepcopy(gm.get_submodule(str(target)))
-        module.inplace = False
-        gm.add_submodule(name, module)
-        target = name
-    return gm.graph.create_node(node.op, target, (new_input, *args[1:]), kwargs)
-
-
 def _describe(node: Node) -> str:
     return str(node.target) if node.op == "call_module" else node.name
 
 
 def _checkpoint_segments(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[Rewrite]:
     """Wrap each maximal run of non-stage compute nodes in a CheckpointedSegment."""
-    runs: list[list[Node]] = [[]]
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output") or is_stage(node):
-            runs.append([])
-        else:
-            runs[-1].append(node)
-    segments = [run for run in runs if any(n.op.startswith("call_") for n in run)]
+    segments = _runs(gm, is_stage)
     first_stage = next(n for n in gm.graph.nodes if is_stage(n))
     last_stage = next(n for n in reversed(gm.graph.nodes) if is_stage(n))
     order = graph_position(gm.graph)

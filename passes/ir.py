@@ -92,7 +92,10 @@ class BranchPartition:
     of the branch alone, or None with ``reason`` (the report's words). When the
     block's fork is the post-op of another block (``pre_op``), ``pre_op_roles``
     / ``pre_op_reason`` answer the same for the branch with that post-op moved
-    to its start (the block inside a chain).
+    to its start (the block inside a chain). ``shape_read`` says which op
+    outside the branch reads the shape of a branch value (``torch._assert(h.shape[1]
+    == 16)``): inside a coupling that value no longer exists, so the block must
+    stay as it is.
     """
 
     block: ResidualBlock
@@ -103,6 +106,7 @@ class BranchPartition:
     pre_op: Node | None = None
     pre_op_roles: ChannelRoles | None = None
     pre_op_reason: str | None = None
+    shape_read: str | None = None
 
     def halving(self, pre_op: Node | None) -> tuple[ChannelRoles | None, str | None]:
         """The roles (or the reason there are none) with or without the pre-op."""

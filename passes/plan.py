@@ -260,6 +260,8 @@ def _kept_reason(
             )
     if part.outside is not None:
         return KeptReason.READS_OUTSIDE, part.outside
+    if part.shape_read is not None:
+        return KeptReason.SHAPE_READ, part.shape_read
     if split == "halve" and part.roles is None:
         return KeptReason.NOT_HALVABLE, part.reason or ""
     return None

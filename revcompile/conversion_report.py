@@ -27,6 +27,7 @@ class KeptReason(Enum):
     ODD_LEFTOVER = "odd_leftover"
     NOT_HALVABLE = "not_halvable"
     READS_OUTSIDE = "reads_outside"
+    SHAPE_READ = "shape_read"
 
     @property
     def words(self) -> str:
@@ -41,6 +42,7 @@ _KEPT_WORDS = {
     KeptReason.ODD_LEFTOVER: "odd leftover",
     KeptReason.NOT_HALVABLE: "branch cannot be split into channel halves",
     KeptReason.READS_OUTSIDE: "branch reads a value from outside the block",
+    KeptReason.SHAPE_READ: "the shape of a branch value is read outside the branch",
 }
 
 

@@ -30,6 +30,7 @@ from revcompile.passes.partition.branch import (
     branch_nodes,
     build_branch,
     outside_read,
+    outside_shape_read,
     pre_op_input,
 )
 from revcompile.passes.partition.slicing import (
@@ -99,6 +100,11 @@ def partition_branch(
     outside = outside_read(block, nodes)
     if outside is not None:
         return BranchPartition(block, tuple(nodes), outside, None, outside, pre_op, None, outside)
+    shape_read = outside_shape_read(block, nodes)
+    if shape_read is not None:
+        return BranchPartition(
+            block, tuple(nodes), None, None, shape_read, pre_op, None, shape_read, shape_read
+        )
     failures: list[PartitionError] = []
     for axis in axes or channel_axes(block.fork):
         try:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from revcompile.passes.ir import BranchPartition, ChannelRoles, ResidualBlock, Side
-from revcompile.passes.ops import out_of_place
+from revcompile.passes.ops import op_name, out_of_place, reads_metadata_only
 from revcompile.passes.partition.analysis import fetch_attr
 from revcompile.passes.partition.rules import module_rule
 from revcompile.passes.partition.slicing import fresh, kept_count, take
@@ -107,6 +107,21 @@ def outside_read(block: ResidualBlock, nodes: list[Node]) -> str | None:
         for arg in node.all_input_nodes:
             if arg not in inside and arg.op != "get_attr":
                 return f"branch reads {arg.name} from outside the block"
+    return None
+
+
+def outside_shape_read(block: ResidualBlock, nodes: list[Node]) -> str | None:
+    """Which op outside the branch reads the shape of a branch value, or None.
+
+    Shape reads of the trunk (the fork) are fine: every trunk value of a chain
+    has the stage input's shape. A branch value has no counterpart outside a
+    coupling (and a different width inside a halved one).
+    """
+    inside = set(nodes) | {block.join}
+    for node in nodes:
+        for user in node.users:
+            if user not in inside and reads_metadata_only(user):
+                return f"{op_name(user)} reads the shape of {node.name}"
     return None
 
 
