@@ -40,7 +40,10 @@ from revcompile.passes.ir import (
 )
 from revcompile.passes.ops import reads_metadata_only, writes_in_place
 from revcompile.passes.partition import build_branch
+from revcompile.passes.partition.analysis import fetch_attr
+from revcompile.passes.partition.branch import Copies, copy_key
 from revcompile.passes.partition.inplace import copy_out_of_place, replace_out_of_place
+from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from revcompile import options
@@ -67,13 +70,18 @@ def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[
     gives the report's sentence).
     """
     options.check("policy", policy, Policy)
-    # Every stage is built from the original graph before any of it is rewritten.
-    built = [_build_stage(gm, stage, plan.partitions) for stage in plan.stages]
+    # Every stage is built from the original graph before any of it is rewritten,
+    # with one memo of copies: what the original shared, the copies share.
+    copies: Copies = {}
+    built = [_build_stage(gm, stage, plan.partitions, copies) for stage in plan.stages]
+    read_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     replaced: dict[Node, Node] = {}
     changes: list[Rewrite] = []
     for stage, module in zip(plan.stages, built):
         changes += _emit_stage(gm, stage, module, replaced)
     _erase_dead_constants(gm.graph)
+    _use_shared_copies(gm, copies)
+    _drop_unread_attrs(gm, read_attrs)
     stage_names = {stage.name for stage in plan.stages}
 
     def is_stage(node: Node) -> bool:
@@ -131,7 +139,9 @@ def _runs(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[list[Node]]
     return [run for run in runs if any(n.op.startswith("call_") for n in run)]
 
 
-def _build_stage(gm: GraphModule, stage: Stage, partitions: Partitions) -> ReversibleSequence:
+def _build_stage(
+    gm: GraphModule, stage: Stage, partitions: Partitions, copies: Copies
+) -> ReversibleSequence:
     """The ReversibleSequence of ``stage``: half-width branches along the stage's
     channel axis, or full-width copies for a duplicate stage."""
     halves = None
@@ -139,7 +149,9 @@ def _build_stage(gm: GraphModule, stage: Stage, partitions: Partitions) -> Rever
         channels = stage.channels
         assert channels is not None  # a halve stage's width comes from its partition records
         halves = slice(0, channels // 2), slice(channels // 2, channels)
-    couplings = [_coupling(gm, coupling, halves, partitions) for coupling in stage.couplings]
+    couplings = [
+        _coupling(gm, coupling, halves, partitions, copies) for coupling in stage.couplings
+    ]
     return ReversibleSequence(couplings, dim=stage.dim, name=stage.name, split=stage.split)
 
 
@@ -204,6 +216,48 @@ def _emit_stage(
     return changes
 
 
+def _use_shared_copies(gm: GraphModule, copies: Copies) -> None:
+    """Where the rest of the network uses a module or tensor that branches use
+    unsliced, use the branches' copy instead: the use stays shared.
+
+    Planning allowed such sharing only for direct uses (``call_module`` of the
+    module, ``get_attr`` of the tensor). The copy is put at the original's path
+    when the containers on it are gm's own (fx makes plain ``Module``
+    containers), so state_dict keys stay; otherwise under a new root name.
+    """
+    used_names = set(dict(gm.named_modules())) | set(dir(gm))
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        original = fetch_attr(gm, str(node.target))
+        copy = copies.get(copy_key(original, None, None))
+        if copy is None or copy is original:
+            continue
+        owner_path, _, field = str(node.target).rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        if not (owner is gm or type(owner) is nn.Module):  # the user's module: do not touch
+            owner, field = gm, unique_name(str(node.target).replace(".", "_"), used_names)
+            node.target = field
+        if isinstance(copy, nn.Module):
+            owner.add_module(field, copy)
+        elif isinstance(copy, nn.Parameter):
+            owner._parameters[field] = copy
+        else:
+            owner._buffers[field] = copy
+
+
+def _drop_unread_attrs(gm: GraphModule, read_attrs: set[str]) -> None:
+    """Delete the tensors only absorbed branches read by ``get_attr`` (a layer
+    scale on the root), so no dead original stays in the state_dict; only from
+    gm's own containers, never from the user's modules."""
+    still_read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in sorted(read_attrs - still_read):
+        owner_path, _, field = target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        if owner is gm or type(owner) is nn.Module:
+            delattr(owner, field)
+
+
 def _erase_dead_constants(graph: Graph) -> None:
     """Erase the parameter reads (and values computed from parameters alone) that
     only the absorbed blocks used, so no segment outlined later holds them."""
@@ -225,15 +279,23 @@ def _coupling(
     coupling: Coupling,
     halves: tuple[slice, slice] | None,
     partitions: Partitions,
+    copies: Copies,
 ) -> AdditiveCoupling:
     """With ``halves = (low, high)``, F reads x2 (high half) and writes into y1
     (low half), G the other way round; with None both keep full width."""
     low, high = halves if halves is not None else (None, None)
-    f = build_branch(gm, partitions[coupling.f], pre_op=coupling.f_pre_op, reads=high, writes=low)
+    f = build_branch(
+        gm, partitions[coupling.f], pre_op=coupling.f_pre_op, reads=high, writes=low, copies=copies
+    )
     g = None
     if coupling.g is not None:
         g = build_branch(
-            gm, partitions[coupling.g], pre_op=coupling.g_pre_op, reads=low, writes=high
+            gm,
+            partitions[coupling.g],
+            pre_op=coupling.g_pre_op,
+            reads=low,
+            writes=high,
+            copies=copies,
         )
     return AdditiveCoupling(f, g)
 

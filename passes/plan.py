@@ -37,6 +37,7 @@ from revcompile.passes.ir import (
 )
 from revcompile.passes.ops import reads_metadata_only
 from revcompile.passes.partition import channel_axes
+from revcompile.passes.partition.sharing import sharing_conflicts
 from torch.fx import GraphModule, Node
 
 from revcompile import options
@@ -73,7 +74,8 @@ def plan(
     Postconditions: ``Plan.blocks`` has exactly one BlockPlan per block, in the
     order of ``blocks``: fate ``F`` / ``G`` / ``half`` with its stage name, or
     ``kept`` with a KeptReason and its detail (``NOT_HALVABLE`` when only the
-    halving failed). With ``split="halve"`` a chain continues into a block only
+    halving failed; ``SHARES_WEIGHTS`` when its branch copy would untie a
+    module or tensor it shares). With ``split="halve"`` a chain continues into a block only
     when that block halves with the previous block's post-op moved into it and
     along the same channel axis; otherwise a new chain starts there. Stages are
     in graph order with unique names that are valid attribute names not used by
@@ -85,11 +87,39 @@ def plan(
     options.check("leftover", leftover, Leftover)
     options.check("split", split, Split)
     shapes_known = _shapes_known(gm)
-    block_plans = {}
-    for block in blocks:
-        fate = _kept_reason(block, blocks, shapes_known, partitions[block], split)
-        block_plans[block] = BlockPlan(block, "kept", None, *(fate or (None, "")))
-    candidates = [block for block in blocks if block_plans[block].reason is None]
+    kept = {
+        block: _kept_reason(block, blocks, shapes_known, partitions[block], split)
+        for block in blocks
+    }
+    # Keeping a block that would untie shared weights changes the chains: plan again.
+    while True:
+        block_plans, stages = _stages(gm, blocks, kept, partitions, split, leftover)
+        conflicts = sharing_conflicts(gm, stages, partitions)
+        if not conflicts:
+            break
+        kept.update({b: (KeptReason.SHARES_WEIGHTS, detail) for b, detail in conflicts.items()})
+    return Plan(
+        blocks=[block_plans[block] for block in blocks],
+        stages=stages,
+        rejected=list(rejected),
+        shapes_known=shapes_known,
+        partitions=dict(partitions),
+    )
+
+
+def _stages(
+    gm: GraphModule,
+    blocks: list[ResidualBlock],
+    kept: Mapping[ResidualBlock, tuple[KeptReason, str] | None],
+    partitions: Mapping[ResidualBlock, BranchPartition],
+    split: Split,
+    leftover: Leftover,
+) -> tuple[dict[ResidualBlock, BlockPlan], list[Stage]]:
+    """Chain and pair the blocks not ``kept``: every block's BlockPlan and the stages."""
+    block_plans = {
+        block: BlockPlan(block, "kept", None, *(kept[block] or (None, ""))) for block in blocks
+    }
+    candidates = [block for block in blocks if kept[block] is None]
     stages: list[Stage] = []
     used_names = set(dict(gm.named_modules())) | set(dir(gm))
     for chain in _chains(candidates, _follows(partitions, split)):
@@ -107,13 +137,7 @@ def plan(
                 block_plans[coupling.g] = BlockPlan(coupling.g, "G", stage=name)
         if len(chain) % 2 and leftover == "store":
             block_plans[chain[-1]].reason = KeptReason.ODD_LEFTOVER
-    return Plan(
-        blocks=[block_plans[block] for block in blocks],
-        stages=stages,
-        rejected=list(rejected),
-        shapes_known=shapes_known,
-        partitions=dict(partitions),
-    )
+    return block_plans, stages
 
 
 def _follows(

@@ -28,6 +28,7 @@ class KeptReason(Enum):
     NOT_HALVABLE = "not_halvable"
     READS_OUTSIDE = "reads_outside"
     SHAPE_READ = "shape_read"
+    SHARES_WEIGHTS = "shares_weights"
 
     @property
     def words(self) -> str:
@@ -43,6 +44,7 @@ _KEPT_WORDS = {
     KeptReason.NOT_HALVABLE: "branch cannot be split into channel halves",
     KeptReason.READS_OUTSIDE: "branch reads a value from outside the block",
     KeptReason.SHAPE_READ: "the shape of a branch value is read outside the branch",
+    KeptReason.SHARES_WEIGHTS: "shares weights with another part of the network",
 }
 
 

@@ -125,6 +125,19 @@ def outside_shape_read(block: ResidualBlock, nodes: list[Node]) -> str | None:
     return None
 
 
+Copies = dict[tuple[int, Any, Any], Any]
+"""Copies made for branches, by ``copy_key``."""
+
+
+def copy_key(original: object, in_sl: slice | None, out_sl: slice | None) -> tuple[int, Any, Any]:
+    """The memo key of a copy of ``original`` keeping ``in_sl``/``out_sl`` (None: all)."""
+
+    def bounds(index: slice | None) -> Any:
+        return None if index is None else (index.start, index.stop, index.step)
+
+    return id(original), bounds(in_sl), bounds(out_sl)
+
+
 _SLICES = dict[Side, "slice | None"]
 
 
@@ -135,6 +148,7 @@ def build_branch(
     pre_op: Node | None,
     reads: slice | None,
     writes: slice | None,
+    copies: Copies | None = None,
 ) -> GraphModule:
     """A standalone GraphModule computing the branch of ``part.block`` from one input.
 
@@ -146,7 +160,9 @@ def build_branch(
     keeps and of the branch output it produces (F: ``slice(C//2, C)`` and
     ``slice(0, C//2)``; G the other way round). Layers are sliced by the roles
     ``part`` recorded (no analysis here). With both None the branch is copied
-    at full width (two-stream "duplicate" mode).
+    at full width (two-stream "duplicate" mode). ``copies`` memoizes the copies
+    by original and cut (``copy_key``): branches built with one memo share the
+    copy of a module or tensor they cut the same way, as the original was shared.
 
     Post: the result shares no parameter or buffer with ``gm`` (modules are
     deep copies, sliced tensors fresh Parameters/buffers); every in-place op is
@@ -166,6 +182,7 @@ def build_branch(
             raise PartitionError(reason or "branch cannot be halved")
     slices: _SLICES = {"in": reads, "out": writes, None: None}
     block = part.block
+    memo: Copies = {} if copies is None else copies
     graph = Graph()
     attrs: dict[str, Any] = {}
     env: dict[Node, Node] = {}
@@ -174,7 +191,7 @@ def build_branch(
         for arg in node.all_input_nodes:
             if arg.op == "get_attr" and arg not in env:
                 env[arg] = graph.get_attr(str(arg.target))
-                attrs[str(arg.target)] = _copy_attr(gm, str(arg.target), roles, slices)
+                attrs[str(arg.target)] = _copy_attr(gm, str(arg.target), roles, slices, memo)
         target, args, kwargs, inplace = out_of_place(node, gm)
         if roles is not None:
             args, kwargs = _normalized_shape(node, args, kwargs, roles, slices)
@@ -188,7 +205,7 @@ def build_branch(
         if inplace and isinstance(args[0], Node):  # later readers see the written value
             env[args[0]] = new
         if node.op == "call_module" and node.target not in attrs:
-            attrs[str(node.target)] = _copy_module(gm, str(node.target), roles, slices)
+            attrs[str(node.target)] = _copy_module(gm, str(node.target), roles, slices, memo)
         return new
 
     env[block.fork] = graph.placeholder("x")
@@ -204,14 +221,19 @@ def build_branch(
 
 
 def _copy_module(
-    gm: GraphModule, target: str, roles: ChannelRoles | None, slices: _SLICES
+    gm: GraphModule, target: str, roles: ChannelRoles | None, slices: _SLICES, memo: Copies
 ) -> nn.Module:
     """A private (sliced) copy of the module called as ``target``, never in place."""
     mod = gm.get_submodule(target)
-    if roles is None or target not in roles.modules:
+    in_side, out_side = (None, None)
+    if roles is not None and target in roles.modules:
+        in_side, out_side = roles.modules[target]
+    key = copy_key(mod, slices[in_side], slices[out_side])
+    if key in memo:
+        return memo[key]
+    if in_side is None and out_side is None:
         new = copy.deepcopy(mod)
     else:
-        in_side, out_side = roles.modules[target]
         # Copy the module around its own tensors, cut, then copy whatever the
         # cut did not replace: each weight is copied once, at its final size.
         originals = {id(t): t for t in (*mod.parameters(), *mod.buffers())}
@@ -226,19 +248,26 @@ def _copy_module(
                         tensors[name] = fresh(tensor, tensor)
     if hasattr(new, "inplace"):
         new.inplace = False
+    memo[key] = new
     return new
 
 
-def _copy_attr(gm: GraphModule, target: str, roles: ChannelRoles | None, slices: _SLICES) -> Any:
+def _copy_attr(
+    gm: GraphModule, target: str, roles: ChannelRoles | None, slices: _SLICES, memo: Copies
+) -> Any:
     """A private (sliced) copy of a value read by ``get_attr``."""
     value = fetch_attr(gm, target)
-    if not isinstance(value, torch.Tensor):
-        return copy.deepcopy(value)
-    if roles is None or target not in roles.attrs:
-        return fresh(value, value)
-    side, dim = roles.attrs[target]
+    side, dim = (None, 0)
+    if roles is not None and target in roles.attrs:
+        side, dim = roles.attrs[target]
     index = slices[side]
-    return fresh(value, value if index is None else take(value, dim, index))
+    key = copy_key(value, index, index)
+    if key not in memo:
+        if not isinstance(value, torch.Tensor):
+            memo[key] = copy.deepcopy(value)
+        else:
+            memo[key] = fresh(value, value if index is None else take(value, dim, index))
+    return memo[key]
 
 
 def _normalized_shape(

@@ -188,3 +188,96 @@ def test_shape_reads_of_branch_values_keep_the_block() -> None:
         ("F", None),
         ("G", None),
     ]
+
+
+# --------------------------------------------------------------------------- issue 12 B.1
+
+
+def unique_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class Twice(nn.Module):
+    """One block applied twice: ``block(block(x))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, C, 3, padding=1)
+        self.block = Block()
+        self.head = nn.Conv2d(C, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.block(self.stem(x))))
+
+
+def test_a_block_applied_twice_stays_tied() -> None:
+    gm = convert_checked(Twice())
+    report = revcompile.report(gm)
+    assert [(b.fate, b.code) for b in report.blocks] == [("kept", "shares_weights")] * 2
+    assert report.params_after == unique_params(gm) == unique_params(Twice())
+    # At full width both branches use the block unsliced: one shared copy.
+    gm = convert_checked(Twice(), split="duplicate")
+    assert [b.fate for b in revcompile.report(gm).blocks] == ["F", "G"]
+    assert revcompile.report(gm).params_after == unique_params(gm) == unique_params(Twice())
+
+
+def test_a_shared_prelu_post_op_stays_one_module() -> None:
+    act = nn.PReLU()
+    gm = convert_checked(Net([Block(post=act) for _ in range(4)]))
+    prelus = {id(m) for m in gm.modules() if isinstance(m, nn.PReLU)}
+    assert len(prelus) == 1
+    assert revcompile.report(gm).params_after == unique_params(gm)
+
+
+class ScaledBlock(Block):
+    def __init__(self, gamma: nn.Parameter) -> None:
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma * self.branch(x)
+
+
+class SharedScale(Net):
+    """A layer scale on the root, used by the blocks in ``users``."""
+
+    def __init__(self, users: tuple[int, ...]) -> None:
+        self_gamma = nn.Parameter(torch.rand(C, 1, 1) + 0.5)
+        blocks = [ScaledBlock(self_gamma) if i in users else Block() for i in range(4)]
+        super().__init__(blocks)
+
+
+def test_a_shared_layer_scale_cut_alike_is_one_copy_and_no_dead_original() -> None:
+    model = SharedScale(users=(0, 2))  # both F: the same half of gamma
+    gm = convert_checked(model)
+    assert [b.fate for b in revcompile.report(gm).blocks] == ["F", "G", "F", "G"]
+    gammas = {id(p) for n, p in gm.named_parameters(remove_duplicate=False) if "gamma" in n}
+    assert len(gammas) == 1
+    assert not any(k.endswith("gamma") and "rev" not in k for k in gm.state_dict())
+    assert revcompile.report(gm).params_after == unique_params(gm)
+
+
+def test_a_shared_layer_scale_cut_differently_keeps_the_blocks() -> None:
+    gm = convert_checked(SharedScale(users=(0, 1)))  # F and G: different halves
+    fates = [(b.fate, b.code) for b in revcompile.report(gm).blocks]
+    assert fates[:2] == [("kept", "shares_weights")] * 2
+    assert revcompile.report(gm).params_after == unique_params(gm)
+
+
+class SharedActivation(Net):
+    """One PReLU with a learned slope after the stem and before the head."""
+
+    def __init__(self) -> None:
+        super().__init__([Block(), Block()])
+        self.act = nn.PReLU(C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.blocks(self.act(self.stem(x)))))
+
+
+@pytest.mark.parametrize("policy", ["checkpoint", "store"])
+def test_a_module_shared_by_stem_and_head_stays_one(policy: str) -> None:
+    gm = convert_checked(SharedActivation(), policy=policy)
+    prelus = {id(m) for m in gm.modules() if isinstance(m, nn.PReLU)}
+    assert len(prelus) == 1
+    assert revcompile.report(gm).params_after == unique_params(gm)
