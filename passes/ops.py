@@ -185,3 +185,14 @@ def op_name(node: Node) -> str:
     if node.op == "call_module":
         return type(node.graph.owning_module.get_submodule(node.target)).__name__
     return node.op
+
+
+# ---------------------------------------------------------------- grad mode
+
+
+def grad_mode_set(node: Node) -> bool | None:
+    """The grad mode ``node`` switches to (``torch._C._set_grad_enabled(b)``, as
+    the tracer records ``torch.no_grad()`` regions), or None for other nodes."""
+    if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
+        return bool(node.args[0]) if node.args else None
+    return None

@@ -35,7 +35,7 @@ from revcompile.passes.ir import (
     ResidualBlock,
     Stage,
 )
-from revcompile.passes.ops import reads_metadata_only
+from revcompile.passes.ops import grad_mode_set, reads_metadata_only
 from revcompile.passes.partition import channel_axes
 from revcompile.passes.partition.sharing import sharing_conflicts
 from torch.fx import GraphModule, Node
@@ -87,8 +87,10 @@ def plan(
     options.check("leftover", leftover, Leftover)
     options.check("split", split, Split)
     shapes_known = _shapes_known(gm)
+    grad_spans = _grad_mode_spans(gm)
     kept = {
-        block: _kept_reason(block, blocks, shapes_known, partitions[block], split)
+        block: _grad_mode_reason(block, grad_spans)
+        or _kept_reason(block, blocks, shapes_known, partitions[block], split)
         for block in blocks
     }
     # Keeping a block that would untie shared weights changes the chains: plan again.
@@ -105,6 +107,41 @@ def plan(
         shapes_known=shapes_known,
         partitions=dict(partitions),
     )
+
+
+def _grad_mode_spans(gm: GraphModule) -> tuple[dict[Node, int], list[Node], set[Node]]:
+    """Graph positions, the grad-mode switches, and the nodes that run with grad off."""
+    position: dict[Node, int] = {}
+    switches: list[Node] = []
+    no_grad: set[Node] = set()
+    enabled = True
+    for i, node in enumerate(gm.graph.nodes):
+        position[node] = i
+        mode = grad_mode_set(node)
+        if mode is not None:
+            switches.append(node)
+            enabled = mode
+        elif not enabled:
+            no_grad.add(node)
+    return position, switches, no_grad
+
+
+def _grad_mode_reason(
+    block: ResidualBlock, spans: tuple[dict[Node, int], list[Node], set[Node]]
+) -> tuple[KeptReason, str] | None:
+    """A block whose fork..output span switches grad mode or runs without grad is
+    kept: a coupling (or a stage boundary) would change which ops record grad.
+    Stages hold only blocks outside such spans, so no stage or checkpointed
+    segment boundary falls inside a span."""
+    position, switches, no_grad = spans
+    start, end = position[block.fork], position[block.output]
+    inside = [n.name for n in switches if start < position[n] <= end]
+    if inside:
+        return KeptReason.GRAD_MODE, f"{', '.join(inside)} switches grad mode inside the block"
+    quiet = [n.name for n in (*block.region, block.join) if n in no_grad]
+    if quiet:
+        return KeptReason.GRAD_MODE, f"{quiet[0]} runs with grad disabled"
+    return None
 
 
 def _stages(

@@ -29,6 +29,7 @@ class KeptReason(Enum):
     READS_OUTSIDE = "reads_outside"
     SHAPE_READ = "shape_read"
     SHARES_WEIGHTS = "shares_weights"
+    GRAD_MODE = "grad_mode"
 
     @property
     def words(self) -> str:
@@ -45,6 +46,7 @@ _KEPT_WORDS = {
     KeptReason.READS_OUTSIDE: "branch reads a value from outside the block",
     KeptReason.SHAPE_READ: "the shape of a branch value is read outside the branch",
     KeptReason.SHARES_WEIGHTS: "shares weights with another part of the network",
+    KeptReason.GRAD_MODE: "runs with grad disabled, or switches grad mode",
 }
 
 
