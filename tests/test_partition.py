@@ -489,3 +489,23 @@ def test_resnet152_analysis_time() -> None:
             assert reasons[name] is None, name
         else:
             assert reasons[name].startswith("branch changes the channel count"), name
+
+
+class _FrozenLeafTracer(torch.fx.Tracer):
+    """Keeps FrozenBatchNorm2d a leaf, as revcompile's tracer does."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        frozen = isinstance(m, torchvision.ops.misc.FrozenBatchNorm2d)
+        return frozen or super().is_leaf_module(m, module_qualified_name)
+
+
+def test_frozen_batchnorm_leaf_is_halved_like_batchnorm() -> None:
+    frozen = torchvision.ops.misc.FrozenBatchNorm2d(C)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(frozen, name).copy_(torch.rand(C) + 0.5)
+    model = Residual(nn.Sequential(nn.Conv2d(C, C, 3, padding=1), frozen)).double().eval()
+    gm = GraphModule(model, _FrozenLeafTracer().trace(model))
+    block = residual(gm)
+    assert unsupported_reason(gm, block) is None
+    check_halves(gm, block, lambda x, reads: model.branch(zero_unread(x, reads)))
