@@ -2,11 +2,12 @@
 
 Each Stage of the plan becomes one ``call_module`` of a ``ReversibleSequence``
 whose couplings hold F and G branches built by
-``revcompile.passes.partition.build_branch``: half-width along the channel axis
-``halving_dim`` finds for a ``halve`` stage, full-width copies for a
-``duplicate`` stage. The nodes the stage absorbed are erased; the
-post-op of the stage's last block is re-applied after the stage, out of place
-(the stage's output is saved for backward and must not be written).
+``revcompile.passes.partition.build_branch`` from the partition records the
+plan holds: half-width along the stage's channel axis for a ``halve`` stage,
+full-width copies for a ``duplicate`` stage (emit analyses nothing itself).
+The nodes the stage absorbed are erased; the post-op of the stage's last
+block is re-applied after the stage, out of place (the stage's output is saved
+for backward and must not be written).
 
 With ``policy="checkpoint"`` every non-reversible segment left between stages
 (stem, downsampling blocks, odd leftovers, head) is then wrapped in a
@@ -16,19 +17,33 @@ inputs.
 
 from __future__ import annotations
 
-import copy
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from revcompile.passes.graph_utils import (
     common_module_prefix,
     graph_position,
-    tensor_shape,
     unique_name,
 )
-from revcompile.passes.ir import Coupling, Plan, Stage
-from revcompile.passes.ops import out_of_place, reads_metadata_only
-from revcompile.passes.partition import build_branch, channel_axes, halving_dim
+from revcompile.passes.ir import (
+    BranchPartition,
+    Coupling,
+    MadeOutOfPlace,
+    Plan,
+    PostOpAfterStage,
+    PostOpMoved,
+    ResidualBlock,
+    Rewrite,
+    SegmentCheckpointed,
+    Stage,
+    StageEmitted,
+)
+from revcompile.passes.ops import reads_metadata_only, writes_in_place
+from revcompile.passes.partition import build_branch
+from revcompile.passes.partition.analysis import fetch_attr
+from revcompile.passes.partition.branch import Copies, copy_key
+from revcompile.passes.partition.inplace import copy_out_of_place, replace_out_of_place
+from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from revcompile import options
@@ -36,8 +51,10 @@ from revcompile.errors import ConversionError
 from revcompile.options import Policy
 from revcompile.runtime import AdditiveCoupling, CheckpointedSegment, ReversibleSequence
 
+Partitions = Mapping[ResidualBlock, BranchPartition]
 
-def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[str]:
+
+def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[Rewrite]:
     """Replace every stage of ``plan`` in ``gm`` by a ReversibleSequence, in place.
 
     Preconditions: ``plan`` was computed on ``gm``'s current graph with shapes
@@ -49,41 +66,98 @@ def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[
     the absorbed blocks' nodes are erased; with ``policy="checkpoint"`` and at
     least one stage, every other compute node sits inside a
     ``CheckpointedSegment``. ``gm`` still needs ``cleanup`` (dead submodules,
-    lint, recompile). Returns the rewrites made, one sentence each, for the
-    report.
+    lint, recompile). Returns the rewrites made, one record each (``describe()``
+    gives the report's sentence).
     """
     options.check("policy", policy, Policy)
-    # Every stage is built from the original graph before any of it is rewritten.
-    built = [_build_stage(gm, stage) for stage in plan.stages]
+    # Every stage is built from the original graph before any of it is rewritten,
+    # with one memo of copies: what the original shared, the copies share.
+    copies: Copies = {}
+    built = [_build_stage(gm, stage, plan.partitions, copies) for stage in plan.stages]
+    read_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     replaced: dict[Node, Node] = {}
-    changes: list[str] = []
+    changes: list[Rewrite] = []
     for stage, module in zip(plan.stages, built):
         changes += _emit_stage(gm, stage, module, replaced)
     _erase_dead_constants(gm.graph)
-    if policy == "checkpoint" and plan.stages:
-        stage_names = {stage.name for stage in plan.stages}
-        changes += _checkpoint_segments(
-            gm, lambda n: n.op == "call_module" and n.target in stage_names
-        )
+    _use_shared_copies(gm, copies)
+    _drop_unread_attrs(gm, read_attrs)
+    stage_names = {stage.name for stage in plan.stages}
+
+    def is_stage(node: Node) -> bool:
+        return node.op == "call_module" and node.target in stage_names
+
+    checkpoint = policy == "checkpoint" and bool(plan.stages)
+    changes += _protect_saved_values(gm, is_stage, checkpoint)
+    if checkpoint:
+        changes += _checkpoint_segments(gm, is_stage)
     return changes
 
 
-def _build_stage(gm: GraphModule, stage: Stage) -> ReversibleSequence:
-    """The ReversibleSequence of ``stage``: half-width branches along the channel
-    axis ``halving_dim`` finds, or full-width copies for a duplicate stage."""
+def _protect_saved_values(
+    gm: GraphModule, is_stage: Callable[[Node], bool], checkpoint: bool
+) -> list[Rewrite]:
+    """Make the in-place writers of values backward needs out-of-place.
+
+    A stage saves its output for backward, a checkpointed segment its inputs
+    (and recomputes from them): a later in-place write of either
+    (``Dropout2d(inplace=True)`` after a chain, ``x.relu_()`` on the model
+    input) would corrupt backward. Each such writer is replaced by its
+    out-of-place version (in-place modules are copied, never changed), and
+    every later reader reads the written value as before.
+    """
+    saved = {node for node in gm.graph.nodes if is_stage(node)}
+    if checkpoint:
+        for run in _runs(gm, is_stage):
+            members = set(run)
+            saved.update(a for n in run for a in n.all_input_nodes if a not in members)
+    used_names = set(dict(gm.named_modules())) | set(dir(gm))
+    changes: list[Rewrite] = []
+    for node in list(gm.graph.nodes):
+        written = node.args[0] if node.args and node.op.startswith("call_") else None
+        if written not in saved or not writes_in_place(node, gm):
+            continue
+        if node.op == "call_function" and node.target is operator.setitem:
+            raise ConversionError(
+                f"{node.name} assigns into {written.name} in place, which backward needs; "
+                "assign into a clone instead"
+            )
+        described = _describe(node)
+        replace_out_of_place(gm, node, unique_name(f"{node.name}_out_of_place", used_names))
+        changes.append(MadeOutOfPlace(described, written.name))
+    return changes
+
+
+def _runs(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[list[Node]]:
+    """The maximal runs of non-stage compute nodes, in graph order."""
+    runs: list[list[Node]] = [[]]
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output") or is_stage(node):
+            runs.append([])
+        else:
+            runs[-1].append(node)
+    return [run for run in runs if any(n.op.startswith("call_") for n in run)]
+
+
+def _build_stage(
+    gm: GraphModule, stage: Stage, partitions: Partitions, copies: Copies
+) -> ReversibleSequence:
+    """The ReversibleSequence of ``stage``: half-width branches along the stage's
+    channel axis, or full-width copies for a duplicate stage."""
+    halves = None
     if stage.split == "halve":
-        dim = halving_dim(gm, stage.couplings[0].f)
-        channels = _channels(stage.input, dim)
+        channels = stage.channels
+        assert channels is not None  # a halve stage's width comes from its partition records
         halves = slice(0, channels // 2), slice(channels // 2, channels)
-    else:
-        dim, halves = channel_axes(stage.input)[0], None
-    couplings = [_coupling(gm, coupling, halves, dim) for coupling in stage.couplings]
-    return ReversibleSequence(couplings, dim=dim, name=stage.name, split=stage.split)
+    couplings = [
+        _coupling(gm, coupling, halves, partitions, copies) for coupling in stage.couplings
+    ]
+    return ReversibleSequence(couplings, dim=stage.dim, name=stage.name, split=stage.split)
 
 
 def _emit_stage(
     gm: GraphModule, stage: Stage, module: ReversibleSequence, replaced: dict[Node, Node]
-) -> list[str]:
+) -> list[Rewrite]:
     """Put ``module`` in place of ``stage``'s nodes. ``replaced`` maps the
     outputs of stages emitted before to the nodes now computing them (a stage
     may start where the previous one ends); it is extended with this one's."""
@@ -113,9 +187,8 @@ def _emit_stage(
         for user in list(node.users):
             if user not in inside and reads_metadata_only(user):
                 user.replace_input_with(node, stage_input)
-    changes = [
-        f"{len(absorbed)} nodes of {len(module.couplings)} couplings became {stage.name} "
-        f"(split={stage.split}, dim={module.dim})"
+    changes: list[Rewrite] = [
+        StageEmitted(stage.name, len(absorbed), len(module.couplings), stage.split, module.dim)
     ]
 
     graph = gm.graph
@@ -124,8 +197,8 @@ def _emit_stage(
     result = stage_node
     if last.post_op is not None:
         with graph.inserting_after(stage_node):
-            result = _copy_out_of_place(gm, last.post_op, stage_node, f"{stage.name}_post_op")
-        changes.append(f"post-op {_describe(last.post_op)} of {last.name} stays after {stage.name}")
+            result = copy_out_of_place(gm, last.post_op, stage_node, f"{stage.name}_post_op")
+        changes.append(PostOpAfterStage(_describe(last.post_op), last.name, stage.name))
     last.output.replace_all_uses_with(result)
     replaced[last.output] = result
     if last.post_op is not None:
@@ -139,11 +212,50 @@ def _emit_stage(
             (coupling.g, coupling.g_pre_op, "G"),
         ):
             if block is not None and pre_op is not None:
-                changes.append(
-                    f"post-op {_describe(pre_op)} moved to the start of {which} "
-                    f"({block.name}) in {stage.name}"
-                )
+                changes.append(PostOpMoved(_describe(pre_op), which, block.name, stage.name))
     return changes
+
+
+def _use_shared_copies(gm: GraphModule, copies: Copies) -> None:
+    """Where the rest of the network uses a module or tensor that branches use
+    unsliced, use the branches' copy instead: the use stays shared.
+
+    Planning allowed such sharing only for direct uses (``call_module`` of the
+    module, ``get_attr`` of the tensor). The copy is put at the original's path
+    when the containers on it are gm's own (fx makes plain ``Module``
+    containers), so state_dict keys stay; otherwise under a new root name.
+    """
+    used_names = set(dict(gm.named_modules())) | set(dir(gm))
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        original = fetch_attr(gm, str(node.target))
+        copy = copies.get(copy_key(original, None, None))
+        if copy is None or copy is original:
+            continue
+        owner_path, _, field = str(node.target).rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        if not (owner is gm or type(owner) is nn.Module):  # the user's module: do not touch
+            owner, field = gm, unique_name(str(node.target).replace(".", "_"), used_names)
+            node.target = field
+        if isinstance(copy, nn.Module):
+            owner.add_module(field, copy)
+        elif isinstance(copy, nn.Parameter):
+            owner._parameters[field] = copy
+        else:
+            owner._buffers[field] = copy
+
+
+def _drop_unread_attrs(gm: GraphModule, read_attrs: set[str]) -> None:
+    """Delete the tensors only absorbed branches read by ``get_attr`` (a layer
+    scale on the root), so no dead original stays in the state_dict; only from
+    gm's own containers, never from the user's modules."""
+    still_read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in sorted(read_attrs - still_read):
+        owner_path, _, field = target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        if owner is gm or type(owner) is nn.Module:
+            delattr(owner, field)
 
 
 def _erase_dead_constants(graph: Graph) -> None:
@@ -163,65 +275,43 @@ def _erase_dead_constants(graph: Graph) -> None:
 
 
 def _coupling(
-    gm: GraphModule, coupling: Coupling, halves: tuple[slice, slice] | None, dim: int
+    gm: GraphModule,
+    coupling: Coupling,
+    halves: tuple[slice, slice] | None,
+    partitions: Partitions,
+    copies: Copies,
 ) -> AdditiveCoupling:
     """With ``halves = (low, high)``, F reads x2 (high half) and writes into y1
     (low half), G the other way round; with None both keep full width."""
     low, high = halves if halves is not None else (None, None)
     f = build_branch(
-        gm, coupling.f, pre_op=coupling.f_pre_op, reads=high, writes=low, channels_dim=dim
+        gm, partitions[coupling.f], pre_op=coupling.f_pre_op, reads=high, writes=low, copies=copies
     )
     g = None
     if coupling.g is not None:
         g = build_branch(
-            gm, coupling.g, pre_op=coupling.g_pre_op, reads=low, writes=high, channels_dim=dim
+            gm,
+            partitions[coupling.g],
+            pre_op=coupling.g_pre_op,
+            reads=low,
+            writes=high,
+            copies=copies,
         )
     return AdditiveCoupling(f, g)
-
-
-def _channels(node: Node, dim: int) -> int:
-    shape = tensor_shape(node)
-    if shape is None:
-        raise ConversionError(
-            f"the shape of {node.name} is unknown; pass example_inputs to convert() so that "
-            "channel counts can be checked"
-        )
-    return shape[dim]
-
-
-def _copy_out_of_place(gm: GraphModule, node: Node, new_input: Node, name: str) -> Node:
-    """``node`` applied to ``new_input`` instead of its first argument, never in place.
-
-    An in-place module (``ReLU(inplace=True)``) is copied under ``name`` rather
-    than changed: ``gm`` may share it with the user's model.
-    """
-    target, args, kwargs, _ = out_of_place(node, gm)
-    if node.op == "call_module" and getattr(gm.get_submodule(str(target)), "inplace", False):
-        module = copy.deepcopy(gm.get_submodule(str(target)))
-        module.inplace = False
-        gm.add_submodule(name, module)
-        target = name
-    return gm.graph.create_node(node.op, target, (new_input, *args[1:]), kwargs)
 
 
 def _describe(node: Node) -> str:
     return str(node.target) if node.op == "call_module" else node.name
 
 
-def _checkpoint_segments(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[str]:
+def _checkpoint_segments(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[Rewrite]:
     """Wrap each maximal run of non-stage compute nodes in a CheckpointedSegment."""
-    runs: list[list[Node]] = [[]]
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output") or is_stage(node):
-            runs.append([])
-        else:
-            runs[-1].append(node)
-    segments = [run for run in runs if any(n.op.startswith("call_") for n in run)]
+    segments = _runs(gm, is_stage)
     first_stage = next(n for n in gm.graph.nodes if is_stage(n))
     last_stage = next(n for n in reversed(gm.graph.nodes) if is_stage(n))
     order = graph_position(gm.graph)
     used_names = set(dict(gm.named_modules())) | set(dir(gm))
-    changes = []
+    changes: list[Rewrite] = []
     for segment in segments:
         if order(segment[-1]) < order(first_stage):
             base = "stem"
@@ -231,7 +321,7 @@ def _checkpoint_segments(gm: GraphModule, is_stage: Callable[[Node], bool]) -> l
             base = _span_name(gm, segment)
         name = unique_name(base, used_names)
         _outline(gm, segment, name)
-        changes.append(f"{len(segment)} nodes checkpointed as {name}")
+        changes.append(SegmentCheckpointed(name, len(segment)))
     return changes
 
 

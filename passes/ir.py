@@ -8,6 +8,7 @@ valid for that graph (``emit`` builds a new graph and consumes them).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,6 +19,9 @@ from revcompile.options import StageSplit
 
 ShortcutKind = Literal["identity", "projection"]
 Fate = Literal["F", "G", "half", "kept"]
+Side = Literal["in", "out"] | None
+"""Which channels of a branch a tensor is indexed by: the branch input's
+(``"in"``), the branch output's (``"out"``), or an inner width (None)."""
 
 
 @dataclass(eq=False)
@@ -57,6 +61,62 @@ class RejectedAdd:
     reason: str
 
 
+@dataclass(frozen=True)
+class ChannelRoles:
+    """How a branch halves along its channel axis (the partition pass's answer).
+
+    ``axis`` is the trunk's channel axis (1 for NCHW, -1 for channels-last),
+    ``width`` its channel count. ``modules`` maps each module the branch calls
+    whose channels are sliced to the sides of its input and output channels;
+    ``attrs`` maps each per-channel parameter read by ``get_attr`` to its side
+    and the dim of the tensor that indexes channels; ``normalized`` maps the
+    ``F.layer_norm`` calls to the side of the channels they normalize. A layer
+    on side ``"in"`` keeps the channels the branch reads, one on ``"out"`` the
+    channels it writes; inner layers (None) keep their width.
+    """
+
+    axis: int
+    width: int
+    modules: Mapping[str, tuple[Side, Side]]
+    attrs: Mapping[str, tuple[Side, int]]
+    normalized: Mapping[Node, Side]
+
+
+@dataclass(frozen=True, eq=False)
+class BranchPartition:
+    """What the partition pass found for the branch of one block.
+
+    ``nodes`` are the branch's nodes in graph order (what ``build_branch``
+    copies). ``outside`` says why the branch is not a function of its input
+    alone (it reads another value), else None. ``roles`` are the halving roles
+    of the branch alone, or None with ``reason`` (the report's words). When the
+    block's fork is the post-op of another block (``pre_op``), ``pre_op_roles``
+    / ``pre_op_reason`` answer the same for the branch with that post-op moved
+    to its start (the block inside a chain). ``shape_read`` says which op
+    outside the branch reads the shape of a branch value (``torch._assert(h.shape[1]
+    == 16)``): inside a coupling that value no longer exists, so the block must
+    stay as it is.
+    """
+
+    block: ResidualBlock
+    nodes: tuple[Node, ...]
+    outside: str | None
+    roles: ChannelRoles | None
+    reason: str | None
+    pre_op: Node | None = None
+    pre_op_roles: ChannelRoles | None = None
+    pre_op_reason: str | None = None
+    shape_read: str | None = None
+
+    def halving(self, pre_op: Node | None) -> tuple[ChannelRoles | None, str | None]:
+        """The roles (or the reason there are none) with or without the pre-op."""
+        if pre_op is None:
+            return self.roles, self.reason
+        if pre_op is not self.pre_op:
+            raise ValueError(f"{pre_op.name} is not the recorded pre-op of {self.block.name}")
+        return self.pre_op_roles, self.pre_op_reason
+
+
 @dataclass(eq=False)
 class Coupling:
     """One planned coupling: ``f`` and ``g`` are consecutive identity blocks.
@@ -80,12 +140,16 @@ class Stage:
     absorbed into the stage, whose post-op (if any) stays after the stage.
     ``split`` says how the stage input becomes the two coupling streams:
     channel halves with half-width branches, or two copies with full-width
-    branches.
+    branches. ``dim`` is the channel axis the stage splits (every branch of a
+    halve stage halves along it) and ``channels`` the trunk's width along it
+    (None for a duplicate stage when shapes do not say).
     """
 
     name: str
     couplings: list[Coupling]
     split: StageSplit = "halve"
+    dim: int = 1
+    channels: int | None = None
 
     @property
     def input(self) -> Node:
@@ -117,3 +181,80 @@ class Plan:
     stages: list[Stage] = field(default_factory=list)
     rejected: list[RejectedAdd] = field(default_factory=list)
     shapes_known: bool = False
+    partitions: Mapping[ResidualBlock, BranchPartition] = field(default_factory=dict)
+    """The partition records planning used, by block; ``emit`` builds from them."""
+
+
+# --------------------------------------------------------------------------- rewrites
+# What ``emit`` changed, one record per rewrite; ``describe()`` is the report's sentence.
+
+
+@dataclass(frozen=True)
+class StageEmitted:
+    """``nodes`` nodes of ``couplings`` couplings became the module ``stage``."""
+
+    stage: str
+    nodes: int
+    couplings: int
+    split: StageSplit
+    dim: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.nodes} nodes of {self.couplings} couplings became {self.stage} "
+            f"(split={self.split}, dim={self.dim})"
+        )
+
+
+@dataclass(frozen=True)
+class PostOpMoved:
+    """The post-op ``post_op`` now starts branch ``branch`` (block ``block``) of ``stage``."""
+
+    post_op: str
+    branch: Literal["F", "G"]
+    block: str
+    stage: str
+
+    def describe(self) -> str:
+        return (
+            f"post-op {self.post_op} moved to the start of {self.branch} ({self.block}) "
+            f"in {self.stage}"
+        )
+
+
+@dataclass(frozen=True)
+class PostOpAfterStage:
+    """The post-op of the stage's last block ``block`` is applied after ``stage``."""
+
+    post_op: str
+    block: str
+    stage: str
+
+    def describe(self) -> str:
+        return f"post-op {self.post_op} of {self.block} stays after {self.stage}"
+
+
+@dataclass(frozen=True)
+class SegmentCheckpointed:
+    """``nodes`` non-reversible nodes became the CheckpointedSegment ``name``."""
+
+    name: str
+    nodes: int
+
+    def describe(self) -> str:
+        return f"{self.nodes} nodes checkpointed as {self.name}"
+
+
+@dataclass(frozen=True)
+class MadeOutOfPlace:
+    """The in-place op ``op`` became out-of-place: it wrote ``value``, which
+    backward needs (a stage output or a checkpointed segment's input)."""
+
+    op: str
+    value: str
+
+    def describe(self) -> str:
+        return f"in-place {self.op} made out-of-place (it wrote {self.value}, saved for backward)"
+
+
+Rewrite = StageEmitted | PostOpMoved | PostOpAfterStage | SegmentCheckpointed | MadeOutOfPlace

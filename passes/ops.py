@@ -295,3 +295,14 @@ def has_side_effect(node: Node, gm: GraphModule) -> bool:
         module = getattr(node.target, "__module__", None) or "torch"
         return module.split(".")[0] not in PURE_FUNCTION_MODULES
     return False
+
+
+# ---------------------------------------------------------------- grad mode
+
+
+def grad_mode_set(node: Node) -> bool | None:
+    """The grad mode ``node`` switches to (``torch._C._set_grad_enabled(b)``, as
+    the tracer records ``torch.no_grad()`` regions), or None for other nodes."""
+    if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
+        return bool(node.args[0]) if node.args else None
+    return None

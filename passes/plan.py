@@ -3,8 +3,8 @@
 A block can become a coupling branch only when it has an identity shortcut, is
 single-exit, contains no other block and adds a branch output of exactly the
 shortcut's shape (when shapes are known). With ``split="halve"`` its branch
-must also split into channel halves (``branch_check``: even channel count,
-ops whose channel behaviour is known); ``split="duplicate"`` needs nothing
+must also split into channel halves (the partition record: even channel
+count, ops whose channel behaviour is known); ``split="duplicate"`` needs nothing
 more (F and G keep full width on two copies of the stage input);
 ``split="auto"`` halves a stage when every block of it can be halved and
 duplicates it otherwise. Candidate blocks form chains: block k+1 follows
@@ -18,7 +18,7 @@ chain with at least one coupling is a Stage.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from revcompile.passes.graph_utils import (
     common_module_prefix,
@@ -28,14 +28,16 @@ from revcompile.passes.graph_utils import (
 )
 from revcompile.passes.ir import (
     BlockPlan,
+    BranchPartition,
     Coupling,
     Plan,
     RejectedAdd,
     ResidualBlock,
     Stage,
-    StageSplit,
 )
-from revcompile.passes.ops import reads_metadata_only
+from revcompile.passes.ops import grad_mode_set, reads_metadata_only
+from revcompile.passes.partition import channel_axes
+from revcompile.passes.partition.sharing import sharing_conflicts
 from torch.fx import GraphModule, Node
 
 from revcompile import options
@@ -48,11 +50,6 @@ from revcompile.conversion_report import (
 )
 from revcompile.options import Leftover, Split
 
-BranchCheck = Callable[[GraphModule, ResidualBlock], "str | None"]
-"""``branch_check(gm, block)`` returns why the branch cannot be split into
-channel halves (report wording, e.g. ``"unsupported op torch.flatten in
-branch"``), or None when it can."""
-
 ODD_LEFTOVER_HINT = "leftover='half' makes it a half-coupling"
 DUPLICATE_HINT = "split='auto' or 'duplicate' converts it at full width"
 
@@ -61,54 +58,114 @@ def plan(
     gm: GraphModule,
     blocks: list[ResidualBlock],
     rejected: list[RejectedAdd],
+    partitions: Mapping[ResidualBlock, BranchPartition],
     *,
-    branch_check: BranchCheck,
     leftover: Leftover = "store",
     split: Split = "halve",
 ) -> Plan:
     """Classify, chain and pair the residual blocks of ``gm``.
 
     Preconditions: ``blocks`` and ``rejected`` come from
-    ``revcompile.passes.find_residuals.find_residuals(gm)`` (graph order); shapes from
-    ``revcompile.passes.shape_prop`` are used when present (``meta["tensor_meta"]`` on the
-    placeholders), skipped otherwise.
+    ``revcompile.passes.find_residuals.find_residuals(gm)`` (graph order),
+    ``partitions`` from ``revcompile.passes.partition.partition(gm, blocks)``;
+    shapes from ``revcompile.passes.shape_prop`` are used when present
+    (``meta["tensor_meta"]`` on the placeholders), skipped otherwise.
 
     Postconditions: ``Plan.blocks`` has exactly one BlockPlan per block, in the
     order of ``blocks``: fate ``F`` / ``G`` / ``half`` with its stage name, or
     ``kept`` with a KeptReason and its detail (``NOT_HALVABLE`` when only the
-    halving check failed). Stages are in graph order with unique names that are valid
-    attribute names not used by ``gm`` (``layer3_rev``), each with its split;
-    couplings follow their chain's order. ``branch_check`` is not called
-    with ``split="duplicate"``. ``gm`` is not modified.
+    halving failed; ``SHARES_WEIGHTS`` when its branch copy would untie a
+    module or tensor it shares). With ``split="halve"`` a chain continues into a block only
+    when that block halves with the previous block's post-op moved into it and
+    along the same channel axis; otherwise a new chain starts there. Stages are
+    in graph order with unique names that are valid attribute names not used by
+    ``gm`` (``layer3_rev``), each with its split, channel axis and width, and
+    every branch of a halve stage halves along that axis (what ``emit`` builds
+    from ``Plan.partitions``); couplings follow their chain's order. ``gm`` is
+    not modified.
     """
     options.check("leftover", leftover, Leftover)
     options.check("split", split, Split)
     shapes_known = _shapes_known(gm)
-    fates = {block: _kept_reason(block, blocks, shapes_known) for block in blocks}
-    halving = {
-        block: branch_check(gm, block)
+    grad_spans = _grad_mode_spans(gm)
+    kept = {
+        block: _grad_mode_reason(block, grad_spans)
+        or _kept_reason(block, blocks, shapes_known, partitions[block], split)
         for block in blocks
-        if fates[block] is None and split != "duplicate"
     }
+    # Keeping a block that would untie shared weights changes the chains: plan again.
+    while True:
+        block_plans, stages = _stages(gm, blocks, kept, partitions, split, leftover)
+        conflicts = sharing_conflicts(gm, stages, partitions)
+        if not conflicts:
+            break
+        kept.update({b: (KeptReason.SHARES_WEIGHTS, detail) for b, detail in conflicts.items()})
+    return Plan(
+        blocks=[block_plans[block] for block in blocks],
+        stages=stages,
+        rejected=list(rejected),
+        shapes_known=shapes_known,
+        partitions=dict(partitions),
+    )
+
+
+def _grad_mode_spans(gm: GraphModule) -> tuple[dict[Node, int], list[Node], set[Node]]:
+    """Graph positions, the grad-mode switches, and the nodes that run with grad off."""
+    position: dict[Node, int] = {}
+    switches: list[Node] = []
+    no_grad: set[Node] = set()
+    enabled = True
+    for i, node in enumerate(gm.graph.nodes):
+        position[node] = i
+        mode = grad_mode_set(node)
+        if mode is not None:
+            switches.append(node)
+            enabled = mode
+        elif not enabled:
+            no_grad.add(node)
+    return position, switches, no_grad
+
+
+def _grad_mode_reason(
+    block: ResidualBlock, spans: tuple[dict[Node, int], list[Node], set[Node]]
+) -> tuple[KeptReason, str] | None:
+    """A block whose fork..output span switches grad mode or runs without grad is
+    kept: a coupling (or a stage boundary) would change which ops record grad.
+    Stages hold only blocks outside such spans, so no stage or checkpointed
+    segment boundary falls inside a span."""
+    position, switches, no_grad = spans
+    start, end = position[block.fork], position[block.output]
+    inside = [n.name for n in switches if start < position[n] <= end]
+    if inside:
+        return KeptReason.GRAD_MODE, f"{', '.join(inside)} switches grad mode inside the block"
+    quiet = [n.name for n in (*block.region, block.join) if n in no_grad]
+    if quiet:
+        return KeptReason.GRAD_MODE, f"{quiet[0]} runs with grad disabled"
+    return None
+
+
+def _stages(
+    gm: GraphModule,
+    blocks: list[ResidualBlock],
+    kept: Mapping[ResidualBlock, tuple[KeptReason, str] | None],
+    partitions: Mapping[ResidualBlock, BranchPartition],
+    split: Split,
+    leftover: Leftover,
+) -> tuple[dict[ResidualBlock, BlockPlan], list[Stage]]:
+    """Chain and pair the blocks not ``kept``: every block's BlockPlan and the stages."""
     block_plans = {
-        block: BlockPlan(block, "kept", None, *(fates[block] or (None, ""))) for block in blocks
+        block: BlockPlan(block, "kept", None, *(kept[block] or (None, ""))) for block in blocks
     }
-    if split == "halve":
-        for block, reason in halving.items():
-            if reason is not None:
-                block_plans[block] = BlockPlan(block, "kept", None, KeptReason.NOT_HALVABLE, reason)
-    candidates = [block for block in blocks if block_plans[block].reason is None]
+    candidates = [block for block in blocks if kept[block] is None]
     stages: list[Stage] = []
     used_names = set(dict(gm.named_modules())) | set(dir(gm))
-    for chain in _chains(candidates):
+    for chain in _chains(candidates, _follows(partitions, split)):
         couplings = _pair(chain, leftover)
         if not couplings:
             block_plans[chain[0]].reason = KeptReason.ODD_LEFTOVER
             continue
         name = _unique_stage_name(chain, used_names)
-        stages.append(
-            Stage(name=name, couplings=couplings, split=_stage_split(split, couplings, halving))
-        )
+        stages.append(_stage(name, couplings, partitions, split))
         for coupling in couplings:
             if coupling.g is None:
                 block_plans[coupling.f] = BlockPlan(coupling.f, "half", stage=name)
@@ -117,22 +174,50 @@ def plan(
                 block_plans[coupling.g] = BlockPlan(coupling.g, "G", stage=name)
         if len(chain) % 2 and leftover == "store":
             block_plans[chain[-1]].reason = KeptReason.ODD_LEFTOVER
-    return Plan(
-        blocks=[block_plans[block] for block in blocks],
-        stages=stages,
-        rejected=list(rejected),
-        shapes_known=shapes_known,
-    )
+    return block_plans, stages
 
 
-def _stage_split(
-    split: Split, couplings: list[Coupling], halving: dict[ResidualBlock, str | None]
-) -> StageSplit:
-    """``"auto"`` halves a stage only when every one of its branches can be halved."""
-    if split != "auto":
-        return split
-    stage_blocks = [b for coupling in couplings for b in (coupling.f, coupling.g) if b is not None]
-    return "halve" if all(halving[block] is None for block in stage_blocks) else "duplicate"
+def _follows(
+    partitions: Mapping[ResidualBlock, BranchPartition], split: Split
+) -> Callable[[ResidualBlock, ResidualBlock], bool]:
+    """Whether a chain may continue from ``before`` into ``after`` (already
+    consecutive): with ``split="halve"`` ``after`` must halve with the post-op
+    of ``before`` moved into it, along the axis ``before`` halves on."""
+
+    def follows(before: ResidualBlock, after: ResidualBlock) -> bool:
+        if split != "halve":
+            return True
+        roles, _ = partitions[after].halving(before.post_op)
+        first = partitions[before].roles
+        return roles is not None and first is not None and roles.axis == first.axis
+
+    return follows
+
+
+def _stage(
+    name: str,
+    couplings: list[Coupling],
+    partitions: Mapping[ResidualBlock, BranchPartition],
+    split: Split,
+) -> Stage:
+    """The stage of ``couplings``: ``"auto"`` halves it only when every branch
+    halves (with its pre-op) along one axis."""
+    roles = [
+        partitions[block].halving(pre_op)[0]
+        for coupling in couplings
+        for block, pre_op in ((coupling.f, coupling.f_pre_op), (coupling.g, coupling.g_pre_op))
+        if block is not None
+    ]
+    axes = {r.axis for r in roles if r is not None}
+    if split == "halve" or (split == "auto" and None not in roles and len(axes) == 1):
+        first = roles[0]
+        assert first is not None  # halve: every block of the chain halves (``_follows``)
+        return Stage(name, couplings, "halve", dim=first.axis, channels=first.width)
+    stage_input = couplings[0].f.fork
+    dim = channel_axes(stage_input)[0]
+    shape = tensor_shape(stage_input)
+    channels = None if shape is None else shape[dim]
+    return Stage(name, couplings, "duplicate", dim=dim, channels=channels)
 
 
 def report_from_plan(
@@ -201,10 +286,14 @@ def _reason_text(bp: BlockPlan) -> str | None:
 
 
 def _kept_reason(
-    block: ResidualBlock, blocks: list[ResidualBlock], shapes_known: bool
+    block: ResidualBlock,
+    blocks: list[ResidualBlock],
+    shapes_known: bool,
+    part: BranchPartition,
+    split: Split,
 ) -> tuple[KeptReason, str] | None:
-    """Why ``block`` must stay an ordinary residual block whatever the split,
-    with the detail; None for a candidate."""
+    """Why ``block`` must stay an ordinary residual block, with the detail;
+    None for a candidate."""
     if block.shortcut == "projection":
         return KeptReason.PROJECTION, ""
     if block.tapped:
@@ -231,13 +320,22 @@ def _kept_reason(
                 f"branch output shape {branch_shape} != shortcut shape {shortcut_shape} "
                 "(broadcasting add)"
             )
+    if part.outside is not None:
+        return KeptReason.READS_OUTSIDE, part.outside
+    if part.shape_read is not None:
+        return KeptReason.SHAPE_READ, part.shape_read
+    if split == "halve" and part.roles is None:
+        return KeptReason.NOT_HALVABLE, part.reason or ""
     return None
 
 
-def _chains(candidates: list[ResidualBlock]) -> list[list[ResidualBlock]]:
+def _chains(
+    candidates: list[ResidualBlock], follows: Callable[[ResidualBlock, ResidualBlock], bool]
+) -> list[list[ResidualBlock]]:
     """Maximal runs of candidates where each block's output is exactly the
     next block's fork and is read by nothing else (shape checks aside: they
-    can read the stage input, which has the same shape); graph order."""
+    can read the stage input, which has the same shape) and ``follows``
+    agrees; graph order."""
     by_fork: dict[Node, list[ResidualBlock]] = {}
     for block in candidates:
         by_fork.setdefault(block.fork, []).append(block)
@@ -248,7 +346,9 @@ def _chains(candidates: list[ResidualBlock]) -> list[list[ResidualBlock]]:
             continue
         (next_block,) = following
         inside_next = set(next_block.region) | {next_block.join}
-        if all(user in inside_next or reads_metadata_only(user) for user in block.output.users):
+        if all(
+            user in inside_next or reads_metadata_only(user) for user in block.output.users
+        ) and follows(block, next_block):
             successor[block] = next_block
     has_predecessor = set(successor.values())
     chains = []

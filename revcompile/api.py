@@ -18,7 +18,7 @@ from revcompile.passes.emit import emit
 from revcompile.passes.find_residuals import find_residuals
 from revcompile.passes.ir import Plan
 from revcompile.passes.normalize import normalize
-from revcompile.passes.partition import unsupported_reason
+from revcompile.passes.partition import partition
 from revcompile.passes.plan import plan
 from revcompile.passes.shape_prop import propagate_guessed_shapes, propagate_shapes
 from revcompile.passes.trace import trace
@@ -124,9 +124,8 @@ def pipeline(
     _propagate_shapes(gm, inputs)
     normalize(gm)
     blocks, rejected = find_residuals(gm)
-    the_plan = plan(
-        gm, blocks, rejected, branch_check=unsupported_reason, leftover=leftover, split=split
-    )
+    partitions = partition(gm, blocks)
+    the_plan = plan(gm, blocks, rejected, partitions, leftover=leftover, split=split)
     rewrites: list[Rewrite] = []
     if rewrite:
         _require_shapes(model, gm, the_plan, inputs)

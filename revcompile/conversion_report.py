@@ -26,6 +26,10 @@ class KeptReason(Enum):
     BROADCAST = "broadcast"
     ODD_LEFTOVER = "odd_leftover"
     NOT_HALVABLE = "not_halvable"
+    READS_OUTSIDE = "reads_outside"
+    SHAPE_READ = "shape_read"
+    SHARES_WEIGHTS = "shares_weights"
+    GRAD_MODE = "grad_mode"
 
     @property
     def words(self) -> str:
@@ -39,6 +43,10 @@ _KEPT_WORDS = {
     KeptReason.BROADCAST: "branch output shape differs from the shortcut's (broadcasting add)",
     KeptReason.ODD_LEFTOVER: "odd leftover",
     KeptReason.NOT_HALVABLE: "branch cannot be split into channel halves",
+    KeptReason.READS_OUTSIDE: "branch reads a value from outside the block",
+    KeptReason.SHAPE_READ: "the shape of a branch value is read outside the branch",
+    KeptReason.SHARES_WEIGHTS: "shares weights with another part of the network",
+    KeptReason.GRAD_MODE: "runs with grad disabled, or switches grad mode",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import operator
 
@@ -12,6 +13,7 @@ import torch
 import torchvision
 from hypothesis import given
 from revcompile.passes.find_residuals import find_residuals
+from revcompile.passes.partition import partition
 from revcompile.passes.plan import plan
 from revcompile.passes.shape_prop import propagate_shapes
 from revcompile.passes.trace import trace
@@ -249,18 +251,25 @@ def test_half_leftover_and_branch_check() -> None:
     gm = trace(models.cifar_resnet(20))
     propagate_shapes(gm, (torch.randn(models.CIFAR_INPUT),))
     blocks, rejected = find_residuals(gm)
-    half = plan(gm, blocks, rejected, branch_check=lambda gm, block: None, leftover="half")
+    parts = partition(gm, blocks)
+    half = plan(gm, blocks, rejected, parts, leftover="half")
     assert [bp.fate for bp in half.blocks[:3]] == ["F", "G", "half"]
     assert half.stages[0].couplings[-1].g is None
     assert half.stages[0].couplings[-1].f_pre_op is blocks[1].post_op
-    refuse = plan(gm, blocks, rejected, branch_check=lambda gm, block: "unsupported op x")
+    unsplittable = {
+        block: dataclasses.replace(
+            part, roles=None, reason="unsupported op x", pre_op_roles=None, pre_op_reason="x"
+        )
+        for block, part in parts.items()
+    }
+    refuse = plan(gm, blocks, rejected, unsplittable)
     assert refuse.stages == []
     identity_blocks = [bp for bp in refuse.blocks if bp.block.shortcut == "identity"]
     assert {(bp.reason, bp.detail) for bp in identity_blocks} == {
         (KeptReason.NOT_HALVABLE, "unsupported op x")
     }
     with pytest.raises(ValueError):
-        plan(gm, blocks, rejected, branch_check=lambda gm, block: None, leftover="drop")
+        plan(gm, blocks, rejected, parts, leftover="drop")
 
 
 def test_report_round_trip_and_table() -> None:

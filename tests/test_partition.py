@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from revcompile.passes.ir import ResidualBlock
-from revcompile.passes.partition import PartitionError, build_branch, unsupported_reason
+from revcompile.passes.partition import (
+    PartitionError,
+    build_branch,
+    partition_branch,
+    unsupported_reason,
+)
 from torch import nn
 from torch.fx import GraphModule, Node, symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
@@ -46,6 +51,19 @@ ADDS = (operator.add, operator.iadd, torch.add)
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def build(
+    gm: GraphModule,
+    block: ResidualBlock,
+    *,
+    pre_op: Node | None,
+    reads: slice | None,
+    writes: slice | None,
+) -> GraphModule:
+    """The branch of ``block`` built from its partition record."""
+    part = partition_branch(gm, block, pre_op=pre_op)
+    return build_branch(gm, part, pre_op=pre_op, reads=reads, writes=writes)
 
 
 def make_block(gm: GraphModule, join: Node, fork: Node, branch_out: Node) -> ResidualBlock:
@@ -142,7 +160,7 @@ def check_halves(
     """For F and G: built(x[:, reads]) == reference(x, reads)[:, writes]."""
     x = torch.randn(2, width, 6, 6, dtype=torch.float64)
     for reads, writes in halves(width):
-        half = build_branch(gm, block, pre_op=pre_op, reads=reads, writes=writes)
+        half = build(gm, block, pre_op=pre_op, reads=reads, writes=writes)
         xin = x[:, reads].clone()
         out = half(xin)
         assert out.shape == (2, width // 2, 6, 6)
@@ -244,7 +262,7 @@ def test_halves_exact_in_train_mode() -> None:
 def test_sliced_shapes() -> None:
     branch, gm, block = traced(groupnorm())
     reads, writes = halves(C)[0]
-    f = build_branch(gm, block, pre_op=None, reads=reads, writes=writes)
+    f = build(gm, block, pre_op=None, reads=reads, writes=writes)
     gn_in, conv_in, gn_inner, conv_out, gn_out = (
         f.get_submodule(f"branch.{i}") for i in (0, 2, 3, 5, 6)
     )
@@ -280,7 +298,7 @@ def test_layer_scale_and_inplace_ops() -> None:
     block = residual(gm)
     assert unsupported_reason(gm, block) is None
     for reads, writes in halves(C):
-        half = build_branch(gm, block, pre_op=None, reads=reads, writes=writes)
+        half = build(gm, block, pre_op=None, reads=reads, writes=writes)
         assert half.gamma.shape == (C // 2, 1, 1)
         assert ".relu_(" not in half.code and "sigmoid_(" not in half.code
         assert "inplace = True" not in half.code and "+=" not in half.code
@@ -304,7 +322,7 @@ def test_pre_op_is_applied_first_and_out_of_place() -> None:
         return blk.bn2(blk.conv2(F.relu(blk.bn1(blk.conv1(h)))))
 
     check_halves(gm, block, reference, pre_op=block.fork, width=64)
-    half = build_branch(gm, block, pre_op=block.fork, reads=slice(4, 8), writes=slice(0, 4))
+    half = build(gm, block, pre_op=block.fork, reads=slice(4, 8), writes=slice(0, 4))
     assert "inplace=True" not in repr(half)
     assert gm.get_submodule("layer1.0.relu").inplace  # the original is untouched
 
@@ -321,7 +339,7 @@ def test_convnext_block_channels_last() -> None:
     dw, _, ln, fc1, _, fc2, _ = blk.block
     x = torch.randn(2, C, 6, 6, dtype=torch.float64)
     for reads, writes in halves(C):
-        half = build_branch(gm, block, pre_op=None, reads=reads, writes=writes)
+        half = build(gm, block, pre_op=None, reads=reads, writes=writes)
         h = F.conv2d(x[:, reads], dw.weight[reads], dw.bias[reads], padding=3, groups=C // 2)
         h = F.layer_norm(h.permute(0, 2, 3, 1), (C // 2,), ln.weight[reads], ln.bias[reads], ln.eps)
         h = F.linear(F.gelu(F.linear(h, fc1.weight[:, reads], fc1.bias)), fc2.weight[writes])
@@ -351,7 +369,7 @@ def test_torchvision_layer1_1(resnets: dict[str, GraphModule], name: str) -> Non
     width = blk.conv1.in_channels
     x = torch.randn(2, width, 6, 6, dtype=torch.float64)
     for reads, writes in halves(width):
-        half = build_branch(gm, block, pre_op=None, reads=reads, writes=writes)
+        half = build(gm, block, pre_op=None, reads=reads, writes=writes)
         full = blk.bn2(blk.conv2(blk.relu(blk.bn1(blk.conv1(zero_unread(x, reads))))))
         if name != "resnet18":
             full = blk.bn3(blk.conv3(blk.relu(full)))
@@ -365,7 +383,7 @@ def test_duplicate_mode_is_the_original_branch(resnets: dict[str, GraphModule]) 
     gm = resnets["resnet50"]
     block = torchvision_blocks(gm)["layer1.1"]
     blk = gm.get_submodule("layer1.1")
-    dup = build_branch(gm, block, pre_op=None, reads=None, writes=None)
+    dup = build(gm, block, pre_op=None, reads=None, writes=None)
     x = torch.randn(2, 256, 5, 5, dtype=torch.float64)
     expected = blk.bn3(blk.conv3(blk.relu(blk.bn2(blk.conv2(blk.relu(blk.bn1(blk.conv1(x))))))))
     assert torch.equal(dup(x), expected)
@@ -378,7 +396,7 @@ def test_no_aliasing_and_original_untouched(resnets: dict[str, GraphModule]) -> 
     ptrs = {t.data_ptr() for t in [*gm.parameters(), *gm.buffers()]}
     block = torchvision_blocks(gm)["layer1.1"]
     for reads, writes in [*halves(64), (None, None)]:
-        branch = build_branch(gm, block, pre_op=block.fork, reads=reads, writes=writes)
+        branch = build(gm, block, pre_op=block.fork, reads=reads, writes=writes)
         tensors = [*branch.parameters(), *branch.buffers()]
         assert tensors and not ptrs & {t.data_ptr() for t in tensors}
         branch.train()
@@ -453,7 +471,7 @@ def test_unsupported_reasons(name: str) -> None:
         ShapeProp(gm).propagate(torch.randn(2, C, 4, 4))
     assert unsupported_reason(gm, block) == reason
     with pytest.raises(PartitionError) as info:
-        build_branch(gm, block, pre_op=None, reads=slice(0, 1), writes=slice(1, 2))
+        build(gm, block, pre_op=None, reads=slice(0, 1), writes=slice(1, 2))
     assert info.value.reason == reason
 
 
@@ -471,3 +489,23 @@ def test_resnet152_analysis_time() -> None:
             assert reasons[name] is None, name
         else:
             assert reasons[name].startswith("branch changes the channel count"), name
+
+
+class _FrozenLeafTracer(torch.fx.Tracer):
+    """Keeps FrozenBatchNorm2d a leaf, as revcompile's tracer does."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        frozen = isinstance(m, torchvision.ops.misc.FrozenBatchNorm2d)
+        return frozen or super().is_leaf_module(m, module_qualified_name)
+
+
+def test_frozen_batchnorm_leaf_is_halved_like_batchnorm() -> None:
+    frozen = torchvision.ops.misc.FrozenBatchNorm2d(C)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(frozen, name).copy_(torch.rand(C) + 0.5)
+    model = Residual(nn.Sequential(nn.Conv2d(C, C, 3, padding=1), frozen)).double().eval()
+    gm = GraphModule(model, _FrozenLeafTracer().trace(model))
+    block = residual(gm)
+    assert unsupported_reason(gm, block) is None
+    check_halves(gm, block, lambda x, reads: model.branch(zero_unread(x, reads)))

@@ -1,0 +1,352 @@
+"""One rule per layer type: how it moves channel spaces and how it is sliced.
+
+A ``Rule`` pairs ``propagate(analysis, node, module)`` (the channel space of
+the node's output, from the spaces of its inputs; None when the op is not
+supported the way it is used) with ``cut(module, in_sl, out_sl)`` (a private
+copy of a module with parameters kept slice it, for modules only). Rules live in
+one registry keyed by module class (matched along the MRO, or by class name
+for classes of optional libraries), by function (or its qualified name) and by
+method name, in the style of Torch-Pruning's ``pruner/function.py``. Adding a
+layer type means registering one rule here.
+
+The activation sets come from ``revcompile.passes.ops`` (the vocabulary
+``find_residuals`` uses for post-ops), so every post-op it records has a rule.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from revcompile.passes.ops import (
+    ACTIVATION_NAMES,
+    NOT_ELEMENTWISE,
+    STOCHASTIC_DEPTH_CLASS_NAMES,
+    STOCHASTIC_DEPTH_FUNCTIONS,
+    method_base,
+)
+from revcompile.passes.partition.slicing import (
+    slice_batchnorm,
+    slice_conv,
+    slice_groupnorm,
+    slice_layernorm,
+    slice_linear,
+    slice_prelu,
+)
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.node import _get_qualified_name
+
+if TYPE_CHECKING:
+    from revcompile.passes.partition.analysis import Analysis
+
+
+@dataclass(frozen=True)
+class Value:
+    """The channel space of a tensor and where its channel axis is."""
+
+    space: int
+    axis: int  # as given: 1 (channels first) or -1 (channels last), or after a permute
+    ndim: int | None
+
+    def axis_is(self, dim: int) -> bool:
+        """Whether the channel axis is ``dim``; False when the rank is needed but unknown."""
+        if (self.axis < 0) == (dim < 0):
+            return self.axis == dim
+        return self.ndim is not None and self.axis % self.ndim == dim % self.ndim
+
+
+Propagate = Callable[["Analysis", Node, Any], "Value | None"]
+Cut = Callable[[nn.Module, "slice | None", "slice | None"], nn.Module]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one layer type moves channel spaces (``propagate``) and, for modules
+    with per-channel tensors, how a copy keeps a slice of them (``cut``)."""
+
+    propagate: Propagate
+    cut: Cut | None = None
+
+
+_MODULES: dict[type | str, Rule] = {}
+_FUNCTIONS: dict[Callable[..., Any] | str, Rule] = {}
+_METHODS: dict[str, Rule] = {}
+
+
+def register(
+    registry: dict[Any, Rule], *keys: Any, cut: Cut | None = None
+) -> Callable[[Propagate], Propagate]:
+    """Register ``propagate`` (the decorated function) and ``cut`` for ``keys``."""
+
+    def add(propagate: Propagate) -> Propagate:
+        for key in keys:
+            registry[key] = Rule(propagate, cut)
+        return propagate
+
+    return add
+
+
+def module_rule(mod: nn.Module) -> Rule | None:
+    """The rule of a module: by class along its MRO, then by class name."""
+    for cls in type(mod).__mro__:
+        if cls in _MODULES:
+            return _MODULES[cls]
+    return _MODULES.get(type(mod).__name__)
+
+
+def rule_for(node: Node, gm: GraphModule) -> Rule | None:
+    """The rule of an fx node, or None when no rule knows the op."""
+    if node.op == "call_module":
+        return module_rule(gm.get_submodule(str(node.target)))
+    if node.op == "call_function":
+        rule = _FUNCTIONS.get(node.target)
+        return rule if rule is not None else _FUNCTIONS.get(_get_qualified_name(node.target))
+    if node.op == "call_method":
+        return _METHODS.get(method_base(str(node.target)))
+    return None
+
+
+def _per_channel(cut: Callable[[Any, slice], nn.Module]) -> Cut:
+    """A cut for a channel-preserving module: one slice for input and output."""
+
+    def cut_both(mod: nn.Module, in_sl: slice | None, out_sl: slice | None) -> nn.Module:
+        index = in_sl if in_sl is not None else out_sl
+        return mod if index is None else cut(mod, index)
+
+    return cut_both
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+ELEMENTWISE_ACTIVATIONS = ACTIVATION_NAMES - NOT_ELEMENTWISE - {"prelu"}
+"""Activations applied element by element without parameters (PReLU has its own rule)."""
+
+
+def _activation_modules() -> list[type]:
+    return [
+        cls
+        for cls in vars(nn.modules.activation).values()
+        if isinstance(cls, type)
+        and issubclass(cls, nn.Module)
+        and cls.__name__.lower() in ELEMENTWISE_ACTIVATIONS
+    ]
+
+
+def _activation_functions() -> list[Callable[..., Any]]:
+    found = []
+    for name in sorted(ELEMENTWISE_ACTIVATIONS):
+        for namespace in (torch, F):
+            for spelling in (name, f"{name}_"):
+                fn = getattr(namespace, spelling, None)
+                if callable(fn) and fn not in found:
+                    found.append(fn)
+    return found
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@register(_MODULES, nn.Conv1d, nn.Conv2d, nn.Conv3d, cut=slice_conv)
+def _conv(a: Analysis, node: Node, mod: nn.Conv2d) -> Value | None:
+    x = a.source(node)
+    a.require_axis(node, x, 1)
+    a.note_width(x.space, mod.in_channels)
+    if mod.groups == 1:
+        return a.mix(str(node.target), x, mod.out_channels)
+    if mod.groups == mod.in_channels == mod.out_channels:  # depthwise
+        return a.preserve(str(node.target), x)
+    reason = f"grouped conv (groups={mod.groups}) at the branch boundary"
+    return a.opaque(x, mod.out_channels, reason)
+
+
+@register(_MODULES, nn.Linear, cut=slice_linear)
+def _linear(a: Analysis, node: Node, mod: nn.Linear) -> Value | None:
+    x = a.source(node)
+    if x.ndim is None and x.axis == 1:  # rank unknown: channels-first Linear is (N, C)
+        x = Value(x.space, 1, 2)
+    a.require_axis(node, x, -1)
+    a.note_width(x.space, mod.in_features)
+    return a.mix(str(node.target), x, mod.out_features)
+
+
+def _channel_norm(width: Callable[[Any], int]) -> Propagate:
+    """A per-channel module on the channel axis at dim 1 with ``width(mod)`` channels."""
+
+    def propagate(a: Analysis, node: Node, mod: Any) -> Value | None:
+        x = a.source(node)
+        a.require_axis(node, x, 1)
+        a.note_width(x.space, width(mod))
+        return a.preserve(str(node.target), x)
+
+    return propagate
+
+
+register(_MODULES, nn.modules.batchnorm._BatchNorm, cut=_per_channel(slice_batchnorm))(
+    _channel_norm(lambda mod: mod.num_features)
+)
+# torchvision's detection backbones: per-channel buffers, no num_features attribute.
+register(_MODULES, "FrozenBatchNorm2d", cut=_per_channel(slice_batchnorm))(
+    _channel_norm(lambda mod: mod.weight.shape[0])
+)
+
+
+@register(_MODULES, nn.GroupNorm, cut=_per_channel(slice_groupnorm))
+def _groupnorm(a: Analysis, node: Node, mod: nn.GroupNorm) -> Value | None:
+    value = _channel_norm(lambda m: m.num_channels)(a, node, mod)
+    a.group_counts.append((value.space, mod.num_groups))
+    return value
+
+
+@register(_MODULES, nn.PReLU, cut=_per_channel(slice_prelu))
+def _prelu(a: Analysis, node: Node, mod: nn.PReLU) -> Value | None:
+    if mod.num_parameters == 1:  # one shared slope: nothing to slice
+        return a.source(node)
+    return _channel_norm(lambda m: m.num_parameters)(a, node, mod)
+
+
+@register(_MODULES, nn.LayerNorm, cut=_per_channel(slice_layernorm))
+def _layernorm(a: Analysis, node: Node, mod: nn.LayerNorm) -> Value | None:
+    x = a.source(node)
+    if len(mod.normalized_shape) != 1:
+        return None
+    a.require_axis(node, x, -1)
+    a.note_width(x.space, mod.normalized_shape[0])
+    return a.preserve(str(node.target), x)
+
+
+@register(_FUNCTIONS, F.layer_norm)
+def _layer_norm_function(a: Analysis, node: Node, _: None) -> Value | None:
+    """``F.layer_norm`` over the channel axis (timm's LayerNorm, LayerNorm2d):
+    weight and bias are per-channel parameters; the normalized shape is
+    rewritten when the channels are halved."""
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    bound = dict(zip(names, node.args)) | dict(node.kwargs)
+    inp, shape = bound.get("input"), bound.get("normalized_shape")
+    if not isinstance(inp, Node) or not isinstance(shape, list | tuple) or len(shape) != 1:
+        return None
+    x = a.values[inp]
+    a.require_axis(node, x, -1)
+    a.note_width(x.space, shape[0])
+    for name in ("weight", "bias"):
+        operand = bound.get(name)
+        if isinstance(operand, Node):
+            if not a.is_constant(operand):
+                return None
+            a.channel_param(operand, x)
+    a.normalized.append((node, x.space))
+    return x
+
+
+def _unary(a: Analysis, node: Node, _: Any) -> Value | None:
+    """Element-wise (or per-sample) ops: the space of their one tensor input."""
+    return a.source(node)
+
+
+def _spatial(a: Analysis, node: Node, _: Any) -> Value | None:
+    """Per-channel ops acting on dims 2.. (pools, Dropout2d): the channel axis is dim 1."""
+    x = a.source(node)
+    a.require_axis(node, x, 1)
+    return x
+
+
+def _binary(a: Analysis, node: Node, _: Any) -> Value | None:
+    return a.elementwise(node)
+
+
+register(
+    _MODULES,
+    *_activation_modules(),
+    nn.Identity,
+    nn.Dropout,
+    nn.AlphaDropout,
+    *STOCHASTIC_DEPTH_CLASS_NAMES,
+)(_unary)
+register(
+    _FUNCTIONS,
+    *_activation_functions(),
+    torch.clamp,
+    torch.clamp_,
+    torch.exp,
+    torch.neg,
+    operator.neg,
+    F.dropout,
+    F.alpha_dropout,
+    *STOCHASTIC_DEPTH_FUNCTIONS,
+)(_unary)
+register(
+    _METHODS,
+    *(name for name in ELEMENTWISE_ACTIVATIONS if hasattr(torch.Tensor, name)),
+    "clamp",
+    "exp",
+    "neg",
+    "contiguous",
+    "clone",
+)(_unary)
+register(
+    _MODULES,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Upsample,
+)(_spatial)
+register(
+    _FUNCTIONS,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    F.interpolate,
+)(_spatial)
+register(
+    _FUNCTIONS,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+)(_binary)
+register(_METHODS, "add", "sub", "mul", "div")(_binary)
+
+
+@register(_FUNCTIONS, torch.permute)
+def _permute_function(a: Analysis, node: Node, _: None) -> Value | None:
+    return a.permute(a.source(node), node.args[1])
+
+
+@register(_METHODS, "permute")
+def _permute_method(a: Analysis, node: Node, _: None) -> Value | None:
+    dims = node.args[1:]
+    return a.permute(a.source(node), dims[0] if len(dims) == 1 else dims)
+
+
+@register(_MODULES, "Permute")  # torchvision.ops.misc.Permute
+def _permute_module(a: Analysis, node: Node, mod: Any) -> Value | None:
+    dims = getattr(mod, "dims", None)
+    return None if dims is None else a.permute(a.source(node), dims)
