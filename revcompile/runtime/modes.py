@@ -6,7 +6,9 @@ import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 
-__all__ = ["in_reference_mode", "reference_mode"]
+import torch
+
+__all__ = ["in_reference_mode", "reference_mode", "runs_plain"]
 
 _reference_mode: ContextVar[bool] = ContextVar("revcompile_reference_mode", default=False)
 
@@ -30,3 +32,23 @@ def reference_mode() -> Iterator[None]:
 def in_reference_mode() -> bool:
     """True inside a ``reference_mode()`` block."""
     return _reference_mode.get()
+
+
+def runs_plain(*inputs: object) -> bool:
+    """Whether a stage or segment must run its plain forward (the same function).
+
+    Under ``reference_mode()`` and with grad disabled; under the JIT tracer
+    (``torch.jit.trace``, the legacy ONNX exporter), which cannot record an
+    autograd Function whose forward calls modules; and under ``torch.func``
+    transforms (``vmap``), for which the Function has no rules: a trace or a
+    transform records one forward, and the memory-saving backward is no part of it.
+    """
+    return (
+        in_reference_mode()
+        or not torch.is_grad_enabled()
+        or torch.jit.is_tracing()
+        or any(
+            isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+            for t in inputs
+        )
+    )

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from revcompile.runtime.modes import in_reference_mode
+from revcompile.runtime.modes import runs_plain
 from revcompile.runtime.state import CallRecorder, Replay, UsedTensors
 
 __all__ = ["CheckpointedSegment"]
@@ -44,7 +44,7 @@ class CheckpointedSegment(nn.Module):
 
     @torch.compiler.disable
     def forward(self, *args):
-        if in_reference_mode() or not torch.is_grad_enabled():
+        if runs_plain(*args):
             return self.body(*args)
         call = _RecordedCall(self.body)
         return checkpoint(

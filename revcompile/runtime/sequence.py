@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from revcompile.runtime.coupling import AdditiveCoupling, Grid, forward_step, plain_call
 from revcompile.runtime.function import _ReversibleFunction
-from revcompile.runtime.modes import in_reference_mode
+from revcompile.runtime.modes import runs_plain
 from revcompile.runtime.state import UsedTensors
 
 __all__ = ["ReversibleSequence", "Split"]
@@ -139,7 +139,7 @@ class ReversibleSequence(nn.Module):
     @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         x = trunk_input(x)
-        if in_reference_mode() or not torch.is_grad_enabled():
+        if runs_plain(x):
             return self._plain_forward(x)
         # The tensors in the module's slots now (functional_call, FSDP may have
         # swapped them in): the backward uses these, not a later lookup.
