@@ -15,7 +15,9 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from revcompile.errors import ConversionError
+from revcompile.inline import inline
 from revcompile.nn import AdditiveCoupling, ReversibleSequence, reference_mode
+from revcompile.optim import optim_in_backward
 
 if TYPE_CHECKING:
     from revcompile.api import analyze, convert, report
@@ -41,8 +43,10 @@ __all__ = [
     "ReversibleSequence",
     "analyze",
     "convert",
+    "inline",
     "load",
     "memory",
+    "optim_in_backward",
     "reference_mode",
     "report",
     "save",
