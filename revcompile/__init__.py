@@ -16,7 +16,9 @@ from revcompile._version import __version__
 from revcompile.api import analyze, convert, report
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError, RevcompileError
+from revcompile.inline import inline
 from revcompile.io import load, save
+from revcompile.optim import optim_in_backward
 from revcompile.runtime import AdditiveCoupling, ReversibleSequence, reference_mode
 
 __all__ = [
@@ -28,8 +30,10 @@ __all__ = [
     "RevcompileError",
     "analyze",
     "convert",
+    "inline",
     "load",
     "memory",
+    "optim_in_backward",
     "reference_mode",
     "report",
     "save",

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from equivalence import compare_with_reference
 from original_function import assert_same_function, assert_state_unchanged, state_snapshot
-from revcompile.nn import AdditiveCoupling, ReversibleSequence
 from torch import nn
 
 import revcompile
+from revcompile.runtime import AdditiveCoupling, ReversibleSequence
 
 C = 8
 INPUT = (2, C, 6, 6)

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from equivalence import compare_with_reference
-from revcompile.nn import ReversibleSequence
 from torch import nn
 
 import revcompile
 from revcompile.api import run_analysis
+from revcompile.runtime import ReversibleSequence
 
 C = 8
 
