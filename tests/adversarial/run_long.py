@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 import time
 import warnings
@@ -43,6 +44,19 @@ CLASSES: list[tuple[str, str]] = [
 ]
 
 
+TITLE = "Adversarial suite: long run"
+CASE_SECONDS = 60
+"""A network that takes longer is counted as ``timeout`` (and its spec listed)."""
+
+
+class CaseTimeout(BaseException):  # not caught by the checks
+    pass
+
+
+def _timeout(signum, frame):
+    raise CaseTimeout
+
+
 def classify(key: str) -> str:
     for pattern, label in CLASSES:
         if re.search(pattern, key):
@@ -65,15 +79,25 @@ class Tally:
     refusals: Counter = field(default_factory=Counter)
     seconds: list[float] = field(default_factory=list)
     defective: int = 0
+    out: Path | None = None  # the summary is rewritten there every 50 networks
 
     def add(self, spec: generator.NetSpec) -> None:
         start = time.perf_counter()
-        outcome = checks.run_subject(generator.subject(spec))
+        signal.signal(signal.SIGALRM, _timeout)
+        signal.alarm(CASE_SECONDS)
+        try:
+            outcome = checks.run_subject(generator.subject(spec))
+        except CaseTimeout:
+            outcome = checks.Outcome("timeout", [], spec.describe())
+        finally:
+            signal.alarm(0)
         self.seconds.append(time.perf_counter() - start)
         self.outcomes[outcome.status] += 1
-        if outcome.status in ("refused", "invalid"):
+        if outcome.status in ("refused", "invalid", "timeout"):
             self.refusals[f"{outcome.status}: {normalise(outcome.message)}"] += 1
         self.defective += bool(outcome.defects)
+        if self.out is not None and len(self.seconds) % 50 == 0:
+            self.out.write_text(markdown(self, TITLE + " (in progress)"))
         for check in {d.check for d in outcome.defects}:
             self.cases_per_check[check] += 1
         for defect in outcome.defects:
@@ -165,13 +189,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    tally = Tally()
+    tally = Tally(out=args.out)
     families = frozenset(f for f in args.families.split(",") if f) or None
     if args.examples:
         run(tally, args.examples, families)
     for family in generator.FAMILIES if args.per_family else ():
         run(tally, args.per_family, frozenset({family}))
-    text = markdown(tally, "Adversarial suite: long run")
+    text = markdown(tally, TITLE)
     if args.out:
         args.out.write_text(text)
     print(text)
