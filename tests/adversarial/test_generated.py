@@ -153,12 +153,14 @@ class Res2NetBlock(nn.Module):
 class Net(nn.Module):
     """stem -> blocks -> optional head, the frame around every pattern."""
 
-    def __init__(self, blocks: list[nn.Module], c: int, tokens: bool = False) -> None:
+    def __init__(
+        self, blocks: list[nn.Module], c: int, tokens: bool = False, out: int | None = None
+    ) -> None:
         super().__init__()
         self.tokens = tokens
         self.stem = nn.Conv2d(3, c, 3, 1, 1)
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(c, 4)
+        self.head = nn.Linear(out or c, 4)
 
     def forward(self, x):
         h = self.stem(x)
@@ -181,7 +183,7 @@ PATTERNS = {
     "convnext": lambda: Net([ConvNeXtBlock(8) for _ in range(4)], 8),
     "vit": lambda: Net([ViTBlock(8) for _ in range(2)], 8, tokens=True),
     "resnet_d": lambda: Net([ResNetDBlock(8, 8, 1), ResNetDBlock(8, 16, 2),
-                             ResNetDBlock(16, 16, 1), ResNetDBlock(16, 16, 1)], 8),
+                             ResNetDBlock(16, 16, 1), ResNetDBlock(16, 16, 1)], 8, out=16),
     "wrn_preact_dropout": lambda: Net([WRNBlock(8) for _ in range(4)], 8),
     "mobilenet_v2": lambda: Net([InvertedResidual(8) for _ in range(4)], 8),
     "res2net": lambda: Net([Res2NetBlock(8) for _ in range(2)], 8),
