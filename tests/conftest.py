@@ -18,3 +18,12 @@ settings.register_profile(
 settings.load_profile(os.environ.get("REVCOMPILE_HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(2)
+
+# The adversarial suite's long profile (tests/adversarial): >= 1,000 generated networks.
+settings.register_profile(
+    "adversarial-long",
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("REVCOMPILE_HYPOTHESIS_PROFILE", "ci"))
