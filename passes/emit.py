@@ -54,7 +54,9 @@ from revcompile.runtime import AdditiveCoupling, CheckpointedSegment, Reversible
 Partitions = Mapping[ResidualBlock, BranchPartition]
 
 
-def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[Rewrite]:
+def emit(
+    gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint", exact: bool = False
+) -> list[Rewrite]:
     """Replace every stage of ``plan`` in ``gm`` by a ReversibleSequence, in place.
 
     Preconditions: ``plan`` was computed on ``gm``'s current graph with shapes
@@ -67,13 +69,14 @@ def emit(gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint") -> list[
     least one stage, every other compute node sits inside a
     ``CheckpointedSegment``. ``gm`` still needs ``cleanup`` (dead submodules,
     lint, recompile). Returns the rewrites made, one record each (``describe()``
-    gives the report's sentence).
+    gives the report's sentence). ``exact`` makes every stage carry its trunk in
+    fixed point (``ReversibleSequence(exact=True)``).
     """
     options.check("policy", policy, Policy)
     # Every stage is built from the original graph before any of it is rewritten,
     # with one memo of copies: what the original shared, the copies share.
     copies: Copies = {}
-    built = [_build_stage(gm, stage, plan.partitions, copies) for stage in plan.stages]
+    built = [_build_stage(gm, stage, plan.partitions, copies, exact) for stage in plan.stages]
     read_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     replaced: dict[Node, Node] = {}
     changes: list[Rewrite] = []
@@ -140,7 +143,7 @@ def _runs(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[list[Node]]
 
 
 def _build_stage(
-    gm: GraphModule, stage: Stage, partitions: Partitions, copies: Copies
+    gm: GraphModule, stage: Stage, partitions: Partitions, copies: Copies, exact: bool
 ) -> ReversibleSequence:
     """The ReversibleSequence of ``stage``: half-width branches along the stage's
     channel axis, or full-width copies for a duplicate stage."""
@@ -152,7 +155,9 @@ def _build_stage(
     couplings = [
         _coupling(gm, coupling, halves, partitions, copies) for coupling in stage.couplings
     ]
-    return ReversibleSequence(couplings, dim=stage.dim, name=stage.name, split=stage.split)
+    return ReversibleSequence(
+        couplings, dim=stage.dim, name=stage.name, split=stage.split, exact=exact
+    )
 
 
 def _emit_stage(

@@ -68,6 +68,7 @@ def convert(
     policy: Policy = "checkpoint",
     leftover: Leftover = "store",
     split: Split = "halve",
+    exact: bool = False,
 ) -> GraphModule:
     """Return a reversible ``GraphModule`` version of ``model``.
 
@@ -92,13 +93,24 @@ def convert(
     ``leftover``: the odd last block of a chain stays an ordinary block
     (``"store"``) or becomes a half-coupling ``y1 = x1 + F(x2), y2 = x2``
     (``"half"``).
+    ``exact=True`` carries each stage's trunk in fixed point (float64 on a
+    ``2**-32`` grid, branch outputs rounded onto it; DESIGN.md §10), so the
+    reversible backward reconstructs the forward's inputs bit for bit and its
+    gradients equal ``reference_mode()``'s exactly; overflow of the grid's range
+    raises ``OverflowError``.
 
     The result owns its parameters and buffers; ``model`` is never modified.
     The converted network computes a different function from ``model`` (a
     RevNet of the same layout), meant to be trained.
     """
     gm, _, the_report = pipeline(
-        model, example_inputs, rewrite=True, policy=policy, leftover=leftover, split=split
+        model,
+        example_inputs,
+        rewrite=True,
+        policy=policy,
+        leftover=leftover,
+        split=split,
+        exact=exact,
     )
     attach_report(gm, the_report)
     return gm
@@ -112,6 +124,7 @@ def pipeline(
     policy: Policy = "checkpoint",
     leftover: Leftover = "store",
     split: Split = "halve",
+    exact: bool = False,
 ) -> Analysis:
     """Every pass, in order; ``rewrite=False`` (``analyze``) stops after planning.
 
@@ -129,7 +142,7 @@ def pipeline(
     rewrites: list[Rewrite] = []
     if rewrite:
         _require_shapes(model, gm, the_plan, inputs)
-        rewrites = emit(gm, the_plan, policy=policy)
+        rewrites = emit(gm, the_plan, policy=policy, exact=exact)
         cleanup(gm)
         _set_new_modules_mode(gm, model)
         _own_shared_state(gm, model)

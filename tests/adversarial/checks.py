@@ -25,7 +25,7 @@ from torch import nn
 
 import revcompile
 from revcompile import AdditiveCoupling, ConversionError, ReversibleSequence, reference_mode
-from revcompile.nn import CheckpointedSegment
+from revcompile.runtime import CheckpointedSegment
 
 TOLERANCE = 1e-9
 """Reversible vs reference: max error / max(max |ref|, 1e-6 x the step's largest gradient)."""

@@ -15,7 +15,7 @@ from torch import nn
 
 import revcompile
 from revcompile import AdditiveCoupling, ReversibleSequence
-from revcompile.nn import in_reference_mode
+from revcompile.runtime import in_reference_mode
 
 _CONV = Op("conv", (3, 1, 1, "zeros", True))
 _BN = Op("norm", ("bn",))
