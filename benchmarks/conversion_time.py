@@ -58,7 +58,7 @@ def phase_breakdown(fn: Callable[[], Any]) -> dict[str, float]:
     """Seconds (under cProfile) of every call made directly by ``revcompile/api.py``.
 
     Keys are ``module:function`` of the callee; nested api calls
-    (``convert`` -> ``run_analysis``) are expanded, not double counted.
+    (``convert`` -> ``pipeline``) are expanded, not double counted.
     """
     profiler = cProfile.Profile()
     profiler.enable()

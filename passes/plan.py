@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping
 
 from revcompile.passes.graph_utils import (
     common_module_prefix,
-    module_path,
     tensor_shape,
     unique_name,
 )
@@ -42,16 +41,9 @@ from torch.fx import GraphModule, Node
 
 from revcompile import options
 from revcompile.conversion_report import (
-    BlockReport,
-    ConversionReport,
     KeptReason,
-    RejectedReport,
-    StageReport,
 )
 from revcompile.options import Leftover, Split
-
-ODD_LEFTOVER_HINT = "leftover='half' makes it a half-coupling"
-DUPLICATE_HINT = "split='auto' or 'duplicate' converts it at full width"
 
 
 def plan(
@@ -220,69 +212,10 @@ def _stage(
     return Stage(name, couplings, "duplicate", dim=dim, channels=channels)
 
 
-def report_from_plan(
-    plan: Plan,
-    *,
-    params_before: int | None = None,
-    params_after: int | None = None,
-    policy: str | None = None,
-    leftover: str | None = None,
-) -> ConversionReport:
-    """The user-facing ConversionReport of ``plan`` (names and reasons only,
-    no fx nodes); ``changes`` starts empty."""
-    return ConversionReport(
-        blocks=[
-            BlockReport(
-                name=bp.block.name,
-                shortcut=bp.block.shortcut,
-                fate=bp.fate,
-                stage=bp.stage,
-                reason=_reason_text(bp),
-                code=None if bp.reason is None else bp.reason.value,
-            )
-            for bp in plan.blocks
-        ],
-        stages=[
-            StageReport(
-                name=stage.name,
-                blocks=[
-                    block.name
-                    for coupling in stage.couplings
-                    for block in (coupling.f, coupling.g)
-                    if block is not None
-                ],
-                couplings=sum(coupling.g is not None for coupling in stage.couplings),
-                half=any(coupling.g is None for coupling in stage.couplings),
-                split=stage.split,
-            )
-            for stage in plan.stages
-        ],
-        rejected=[RejectedReport(_describe_node(item.node), item.reason) for item in plan.rejected],
-        params_before=params_before,
-        params_after=params_after,
-        shapes_checked=plan.shapes_known,
-        policy=policy,
-        leftover=leftover,
-    )
-
-
 def _shapes_known(gm: GraphModule) -> bool:
     # a forward parameter with a default (``scale=1.0``) is not an input to shape
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder" and not node.args]
     return bool(placeholders) and all("tensor_meta" in node.meta for node in placeholders)
-
-
-def _reason_text(bp: BlockPlan) -> str | None:
-    """The report's words for why ``bp`` is kept."""
-    if bp.reason is None:
-        return None
-    if bp.reason is KeptReason.NOT_HALVABLE:
-        return f"{bp.detail}; {DUPLICATE_HINT}"
-    if bp.reason is KeptReason.ODD_LEFTOVER:
-        return f"{bp.reason.words} ({ODD_LEFTOVER_HINT})"
-    if bp.reason is KeptReason.BROADCAST:
-        return bp.detail
-    return f"{bp.reason.words} ({bp.detail})" if bp.detail else bp.reason.words
 
 
 def _kept_reason(
@@ -388,8 +321,3 @@ def _pair(chain: list[ResidualBlock], leftover: Leftover) -> list[Coupling]:
 def _unique_stage_name(chain: list[ResidualBlock], used_names: set[str]) -> str:
     prefix = common_module_prefix(block.name for block in chain).replace(".", "_")
     return unique_name(f"{prefix}_rev" if prefix else "rev", used_names)
-
-
-def _describe_node(node: Node) -> str:
-    path = module_path(node)
-    return f"{node.name} (in {path})" if path else node.name
