@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from torch.fx import Node
 
@@ -186,75 +186,73 @@ class Plan:
 
 
 # --------------------------------------------------------------------------- rewrites
-# What ``emit`` changed, one record per rewrite; ``describe()`` is the report's sentence.
+# What ``emit`` changed, one record per rewrite; ``describe()`` is the report's
+# sentence, the record's ``SENTENCE`` filled with its fields.
+
+
+class _Described:
+    SENTENCE: ClassVar[str]
+
+    def describe(self) -> str:
+        return self.SENTENCE.format(**vars(self))
 
 
 @dataclass(frozen=True)
-class StageEmitted:
+class StageEmitted(_Described):
     """``nodes`` nodes of ``couplings`` couplings became the module ``stage``."""
 
+    SENTENCE: ClassVar[str] = (
+        "{nodes} nodes of {couplings} couplings became {stage} (split={split}, dim={dim})"
+    )
     stage: str
     nodes: int
     couplings: int
     split: StageSplit
     dim: int
 
-    def describe(self) -> str:
-        return (
-            f"{self.nodes} nodes of {self.couplings} couplings became {self.stage} "
-            f"(split={self.split}, dim={self.dim})"
-        )
-
 
 @dataclass(frozen=True)
-class PostOpMoved:
+class PostOpMoved(_Described):
     """The post-op ``post_op`` now starts branch ``branch`` (block ``block``) of ``stage``."""
 
+    SENTENCE: ClassVar[str] = (
+        "post-op {post_op} moved to the start of {branch} ({block}) in {stage}"
+    )
     post_op: str
     branch: Literal["F", "G"]
     block: str
     stage: str
 
-    def describe(self) -> str:
-        return (
-            f"post-op {self.post_op} moved to the start of {self.branch} ({self.block}) "
-            f"in {self.stage}"
-        )
-
 
 @dataclass(frozen=True)
-class PostOpAfterStage:
+class PostOpAfterStage(_Described):
     """The post-op of the stage's last block ``block`` is applied after ``stage``."""
 
+    SENTENCE: ClassVar[str] = "post-op {post_op} of {block} stays after {stage}"
     post_op: str
     block: str
     stage: str
 
-    def describe(self) -> str:
-        return f"post-op {self.post_op} of {self.block} stays after {self.stage}"
-
 
 @dataclass(frozen=True)
-class SegmentCheckpointed:
+class SegmentCheckpointed(_Described):
     """``nodes`` non-reversible nodes became the CheckpointedSegment ``name``."""
 
+    SENTENCE: ClassVar[str] = "{nodes} nodes checkpointed as {name}"
     name: str
     nodes: int
 
-    def describe(self) -> str:
-        return f"{self.nodes} nodes checkpointed as {self.name}"
-
 
 @dataclass(frozen=True)
-class MadeOutOfPlace:
+class MadeOutOfPlace(_Described):
     """The in-place op ``op`` became out-of-place: it wrote ``value``, which
     backward needs (a stage output or a checkpointed segment's input)."""
 
+    SENTENCE: ClassVar[str] = (
+        "in-place {op} made out-of-place (it wrote {value}, saved for backward)"
+    )
     op: str
     value: str
-
-    def describe(self) -> str:
-        return f"in-place {self.op} made out-of-place (it wrote {self.value}, saved for backward)"
 
 
 Rewrite = StageEmitted | PostOpMoved | PostOpAfterStage | SegmentCheckpointed | MadeOutOfPlace

@@ -198,7 +198,11 @@ def watching(watch: TraceWatch) -> Iterator[TraceWatch]:
         sys.setprofile(watch.on_profile_event)
         yield watch
     finally:
-        sys.setprofile(previous_profile)
+        if previous_profile is None or callable(previous_profile):
+            sys.setprofile(previous_profile)
+        else:  # a C profiler (cProfile) is not a profile function: re-enable it
+            sys.setprofile(None)
+            previous_profile.enable()
         _ACTIVE.pop()
         for owner, name, value in saved:
             if value is None:

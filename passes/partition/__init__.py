@@ -33,14 +33,6 @@ from revcompile.passes.partition.branch import (
     outside_shape_read,
     pre_op_input,
 )
-from revcompile.passes.partition.slicing import (
-    slice_batchnorm,
-    slice_conv,
-    slice_groupnorm,
-    slice_layernorm,
-    slice_linear,
-    slice_prelu,
-)
 from torch.fx import GraphModule, Node
 
 from revcompile.errors import PartitionError
@@ -51,12 +43,6 @@ __all__ = [
     "channel_axes",
     "partition",
     "partition_branch",
-    "slice_batchnorm",
-    "slice_conv",
-    "slice_groupnorm",
-    "slice_layernorm",
-    "slice_linear",
-    "slice_prelu",
     "unsupported_reason",
 ]
 

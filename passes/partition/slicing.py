@@ -51,6 +51,19 @@ def slice_tensors(module: nn.Module, names: tuple[str, ...], dim: int, index: sl
                 module._buffers[name] = take(old, dim, index).clone()
 
 
+def _slice_mixing(
+    layer: nn.Module, in_sl: slice | None, out_sl: slice | None, counts: tuple[str, str]
+) -> None:
+    """Keep inputs ``in_sl`` (weight dim 1) and outputs ``out_sl`` (weight and bias
+    dim 0) of a channel-mixing layer copy; ``counts`` names its size attributes."""
+    if in_sl is not None:
+        slice_tensors(layer, ("weight",), 1, in_sl)
+        setattr(layer, counts[0], layer.weight.shape[1])
+    if out_sl is not None:
+        slice_tensors(layer, ("weight", "bias"), 0, out_sl)
+        setattr(layer, counts[1], layer.weight.shape[0])
+
+
 def slice_conv(conv: nn.Conv2d, in_sl: slice | None, out_sl: slice | None) -> nn.Conv2d:
     """Keep input channels ``in_sl`` and output channels ``out_sl`` of a conv copy.
 
@@ -64,12 +77,7 @@ def slice_conv(conv: nn.Conv2d, in_sl: slice | None, out_sl: slice | None) -> nn
             slice_tensors(conv, ("weight", "bias"), 0, index)
             conv.in_channels = conv.out_channels = conv.groups = conv.weight.shape[0]
         return conv
-    if in_sl is not None:
-        slice_tensors(conv, ("weight",), 1, in_sl)
-        conv.in_channels = conv.weight.shape[1]
-    if out_sl is not None:
-        slice_tensors(conv, ("weight", "bias"), 0, out_sl)
-        conv.out_channels = conv.weight.shape[0]
+    _slice_mixing(conv, in_sl, out_sl, ("in_channels", "out_channels"))
     return conv
 
 
@@ -78,12 +86,7 @@ def slice_linear(linear: nn.Linear, in_sl: slice | None, out_sl: slice | None) -
 
     Pre: ``linear`` is a private copy. Post: the same object, features updated.
     """
-    if in_sl is not None:
-        slice_tensors(linear, ("weight",), 1, in_sl)
-        linear.in_features = linear.weight.shape[1]
-    if out_sl is not None:
-        slice_tensors(linear, ("weight", "bias"), 0, out_sl)
-        linear.out_features = linear.weight.shape[0]
+    _slice_mixing(linear, in_sl, out_sl, ("in_features", "out_features"))
     return linear
 
 
