@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from models import BufferCounter as Counter
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -559,17 +560,6 @@ def test_resnet_fpn_backbone_keeps_keys_and_ordered_dict() -> None:
 
 
 # ------------------------------------------------- 8. the original is not modified
-
-
-class Counter(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C, C, 1)
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x):
-        self.calls.add_(1)
-        return self.conv(x)
 
 
 @pytest.mark.xfail(

@@ -13,6 +13,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+from models import BufferCounter as Counter
 from revcompile.passes.trace import trace
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -50,17 +51,6 @@ def test_no_grad_region_is_a_pair_of_set_grad_enabled_nodes() -> None:
     assert order.index(read) < order.index(enter) < order.index(stem) < order.index(leave)
     assert order.index(leave) < order.index(head)
     assert torch.is_grad_enabled()
-
-
-class Counter(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C, C, 1)
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x):
-        self.calls.add_(1)
-        return self.conv(x)
 
 
 def test_buffers_are_read_by_get_attr_and_updates_stay_in_the_graph() -> None:
