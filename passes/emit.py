@@ -30,8 +30,7 @@ from revcompile.passes.ir import (
     Coupling,
     MadeOutOfPlace,
     Plan,
-    PostOpAfterStage,
-    PostOpMoved,
+    PostOpPlaced,
     ResidualBlock,
     Rewrite,
     SegmentCheckpointed,
@@ -203,7 +202,7 @@ def _emit_stage(
     if last.post_op is not None:
         with graph.inserting_after(stage_node):
             result = copy_out_of_place(gm, last.post_op, stage_node, f"{stage.name}_post_op")
-        changes.append(PostOpAfterStage(_describe(last.post_op), last.name, stage.name))
+        changes.append(PostOpPlaced(_describe(last.post_op), None, last.name, stage.name))
     last.output.replace_all_uses_with(result)
     replaced[last.output] = result
     if last.post_op is not None:
@@ -217,7 +216,7 @@ def _emit_stage(
             (coupling.g, coupling.g_pre_op, "G"),
         ):
             if block is not None and pre_op is not None:
-                changes.append(PostOpMoved(_describe(pre_op), which, block.name, stage.name))
+                changes.append(PostOpPlaced(_describe(pre_op), which, block.name, stage.name))
     return changes
 
 

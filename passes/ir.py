@@ -212,26 +212,23 @@ class StageEmitted(_Described):
 
 
 @dataclass(frozen=True)
-class PostOpMoved(_Described):
-    """The post-op ``post_op`` now starts branch ``branch`` (block ``block``) of ``stage``."""
+class PostOpPlaced:
+    """Where the post-op ``post_op`` of a block went: to the start of ``branch``
+    (``"F"`` or ``"G"``) of block ``block`` in ``stage``, or, with ``branch=None``,
+    after ``stage`` (the post-op of the stage's last block ``block``)."""
 
-    SENTENCE: ClassVar[str] = (
-        "post-op {post_op} moved to the start of {branch} ({block}) in {stage}"
-    )
     post_op: str
-    branch: Literal["F", "G"]
+    branch: Literal["F", "G"] | None
     block: str
     stage: str
 
-
-@dataclass(frozen=True)
-class PostOpAfterStage(_Described):
-    """The post-op of the stage's last block ``block`` is applied after ``stage``."""
-
-    SENTENCE: ClassVar[str] = "post-op {post_op} of {block} stays after {stage}"
-    post_op: str
-    block: str
-    stage: str
+    def describe(self) -> str:
+        if self.branch is None:
+            return f"post-op {self.post_op} of {self.block} stays after {self.stage}"
+        return (
+            f"post-op {self.post_op} moved to the start of {self.branch} "
+            f"({self.block}) in {self.stage}"
+        )
 
 
 @dataclass(frozen=True)
@@ -255,4 +252,4 @@ class MadeOutOfPlace(_Described):
     value: str
 
 
-Rewrite = StageEmitted | PostOpMoved | PostOpAfterStage | SegmentCheckpointed | MadeOutOfPlace
+Rewrite = StageEmitted | PostOpPlaced | SegmentCheckpointed | MadeOutOfPlace

@@ -32,6 +32,7 @@ import operator
 from revcompile.passes.graph_utils import graph_position
 from revcompile.passes.ops import (
     ACTIVATION_NAMES,
+    SPATIAL_MODULES,
     has_side_effect,
     reads_metadata_only,
     written_tensor,
@@ -48,10 +49,7 @@ ALLOCATING_MODULES = (
     nn.GroupNorm,
     nn.LayerNorm,
     nn.LocalResponseNorm,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.Upsample,
+    *SPATIAL_MODULES,
 )
 """Layers whose output is always a new tensor (never their input or a view of it)."""
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import _get_qualified_name
 
@@ -74,6 +75,15 @@ STOCHASTIC_DEPTH_FUNCTIONS = frozenset(
 """Their functional forms (fx leaf functions), by qualified name."""
 
 # ---------------------------------------------------------------- metadata reads
+
+SPATIAL_MODULES = (
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Upsample,
+)
+"""Layers that act on each channel's spatial positions alone (pooling, resampling)."""
 
 METADATA_METHODS = frozenset({"dim", "size", "ndimension", "numel", "nelement"})
 METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from revcompile.passes.ops import (
     ACTIVATION_NAMES,
     NOT_ELEMENTWISE,
+    SPATIAL_MODULES,
     STOCHASTIC_DEPTH_CLASS_NAMES,
     STOCHASTIC_DEPTH_FUNCTIONS,
     method_base,
@@ -292,11 +293,7 @@ register(
     nn.Dropout1d,
     nn.Dropout2d,
     nn.Dropout3d,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.Upsample,
+    *SPATIAL_MODULES,
 )(_spatial)
 register(
     _FUNCTIONS,
