@@ -37,7 +37,7 @@ from revcompile.passes.ir import (
     Stage,
     StageEmitted,
 )
-from revcompile.passes.ops import reads_metadata_only, writes_in_place
+from revcompile.passes.ops import has_side_effect, reads_metadata_only, writes_in_place
 from revcompile.passes.partition import build_branch
 from revcompile.passes.partition.analysis import fetch_attr
 from revcompile.passes.partition.branch import Copies, copy_key
@@ -81,7 +81,7 @@ def emit(
     changes: list[Rewrite] = []
     for stage, module in zip(plan.stages, built):
         changes += _emit_stage(gm, stage, module, replaced)
-    _erase_dead_constants(gm.graph)
+    _erase_dead_constants(gm)
     _use_shared_copies(gm, copies)
     _drop_unread_attrs(gm, read_attrs)
     stage_names = {stage.name for stage in plan.stages}
@@ -262,9 +262,11 @@ def _drop_unread_attrs(gm: GraphModule, read_attrs: set[str]) -> None:
             delattr(owner, field)
 
 
-def _erase_dead_constants(graph: Graph) -> None:
+def _erase_dead_constants(gm: GraphModule) -> None:
     """Erase the parameter reads (and values computed from parameters alone) that
-    only the absorbed blocks used, so no segment outlined later holds them."""
+    only the absorbed blocks used, so no segment outlined later holds them; a
+    write to module state (``self.calls.add_(1)``) is a side effect and stays."""
+    graph = gm.graph
     constants: set[Node] = set()
     for node in graph.nodes:
         if node.op == "get_attr" or (
@@ -274,7 +276,7 @@ def _erase_dead_constants(graph: Graph) -> None:
         ):
             constants.add(node)
     for node in reversed(list(graph.nodes)):
-        if node in constants and not node.users and not node.is_impure():
+        if node in constants and not node.users and not has_side_effect(node, gm):
             graph.erase_node(node)
 
 

@@ -26,11 +26,12 @@ For every add-like node ``join`` (``operator.add``, ``operator.iadd``,
    block's ``post_op``.
 
 Adds of a constant, adds whose operands come from different model inputs and
-adds whose result is unused are rejected with the reason, and so are adds whose
-scalars are part of the function (``alpha=``, ``out=``: the coupling would drop
-them) and adds whose block contains, straddles or touches an in-place write the
-data flow does not show (``revcompile.passes.normalize.hidden_writes``: a write
-into a view, a parameter or an input). A side effect nobody reads (an in-place
+adds whose result is unused are rejected with the reason, and so are adds with
+``out=``, a tensor ``alpha=`` or one that scales the shortcut (a constant
+``alpha`` on the branch is the block's ``branch_scale``) and adds whose block
+contains, straddles or touches an in-place write the data flow does not show
+(``revcompile.passes.normalize.hidden_writes``: a write into a view, a
+parameter or an input). A side effect nobody reads (an in-place
 statement, ``torch._assert``) counts as an output of the graph, so a block
 whose branch feeds one is tapped. ``0 + x`` (Python's ``sum([x, f(x)])``
 starts at 0) is transparent: ``sum([x, f(x)])`` is an identity block.
@@ -198,19 +199,26 @@ def _zero_add_input(node: object) -> Node | None:
     return None
 
 
-def _scalar_reason(join: Node) -> str | None:
-    """Why the add's extra arguments forbid a coupling (which adds its branch
-    exactly once), or None. ``torch.add(x, f, alpha=a)`` is a fused multiply-add:
-    moving ``a`` elsewhere would change the rounding of the kept add."""
-    alpha = join.kwargs.get("alpha", 1)
-    if isinstance(alpha, Node) or alpha != 1:
-        shown = alpha.name if isinstance(alpha, Node) else repr(alpha)
-        return f"scales its second operand (alpha={shown}): kept as it is, alpha and all"
+def _out_reason(join: Node) -> str | None:
+    """Why an ``out=`` argument forbids a coupling (which returns a new tensor), or None."""
     out = join.kwargs.get("out")
     if out is not None:
         shown = out.name if isinstance(out, Node) else repr(out)
         return f"writes its result into out={shown}: kept as it is"
     return None
+
+
+def _branch_scale(join: Node, branch_out: Node) -> float | str:
+    """The constant ``alpha`` of ``torch.add(x, f, alpha=a)`` / ``x.add(f, alpha=a)``
+    (1.0 without one), or why it forbids a coupling: a tensor alpha, or one that
+    scales the shortcut. A coupling adds ``a * F(x)``; a kept block keeps its fused
+    multiply-add as it is."""
+    alpha = join.kwargs.get("alpha", 1)
+    if isinstance(alpha, Node):
+        return f"scales its second operand by a tensor (alpha={alpha.name}): kept as it is"
+    if alpha != 1 and _add_operands(join)[1] is not branch_out:
+        return f"scales its shortcut (alpha={alpha!r}), not its branch: kept as it is"
+    return float(alpha)
 
 
 def _hidden_write_reason(graph: _Graph, join: Node, fork: Node, region: set[Node]) -> str | None:
@@ -243,9 +251,9 @@ def _analyse_add(graph: _Graph, join: Node) -> ResidualBlock | RejectedAdd:
             f"{op.op} {op.target}" if isinstance(op, Node) else repr(op) for op in constants
         )
         return RejectedAdd(join, f"adds a constant ({described}), not a residual branch")
-    scalar_reason = _scalar_reason(join)
-    if scalar_reason is not None:
-        return RejectedAdd(join, scalar_reason)
+    out_reason = _out_reason(join)
+    if out_reason is not None:
+        return RejectedAdd(join, out_reason)
     if not join.users:
         return RejectedAdd(join, "result of the add is never used")
     if not post_dominates.reaches_output(join):
@@ -286,6 +294,9 @@ def _analyse_add(graph: _Graph, join: Node) -> ResidualBlock | RejectedAdd:
         shortcut_out = projection
         branch_out = second if projection is first else first
         shortcut = "projection"
+    scale = _branch_scale(join, branch_out)
+    if isinstance(scale, str):
+        return RejectedAdd(join, scale)
     ordered_region = [node for node in gm.graph.nodes if node in region]
     return ResidualBlock(
         name=_block_name(join, ordered_region),
@@ -297,6 +308,7 @@ def _analyse_add(graph: _Graph, join: Node) -> ResidualBlock | RejectedAdd:
         shortcut=shortcut,
         post_op=_post_op(gm, join),
         tapped=tapped,
+        branch_scale=scale,
     )
 
 

@@ -34,7 +34,8 @@ class ResidualBlock:
     ``join`` computed by the residual branch; ``shortcut_out`` the other one
     (``fork`` itself for an identity shortcut). ``tapped`` lists the region
     nodes also read outside the block (feature taps, auxiliary heads): such a
-    block is not single-exit and planning keeps it.
+    block is not single-exit and planning keeps it. ``branch_scale`` is the
+    constant ``alpha`` of ``torch.add(shortcut, branch, alpha=a)``.
     """
 
     name: str
@@ -46,11 +47,24 @@ class ResidualBlock:
     shortcut: ShortcutKind
     post_op: Node | None = None
     tapped: list[Node] = field(default_factory=list)
+    branch_scale: float = 1.0
+    """``a`` of ``torch.add(x, f, alpha=a)``: a coupling adds ``a * f``."""
 
     @property
     def output(self) -> Node:
         """The node the rest of the network reads: the post-op, else the add."""
         return self.post_op if self.post_op is not None else self.join
+
+
+@dataclass(frozen=True)
+class OpaqueBlock:
+    """A residual block inside ``module``, a module the trace keeps as one node
+    (``why``): it is never converted, and the report lists it as kept."""
+
+    name: str
+    module: str
+    shortcut: ShortcutKind
+    why: str
 
 
 @dataclass(eq=False)

@@ -14,13 +14,14 @@ pass, run after tracing and shape propagation and before ``find_residuals``:
    return their argument), so the graph computes exactly what it computed
    before, and ``out.add_(x)`` / ``out += x`` statements become joins.
 
-A tensor has no aliases when its storage was created by an op that always
+A write is exact when its storage was created by an op that always
 allocates (``_allocates``: Conv, Linear, norms, pooling, out-of-place
-arithmetic and activations), possibly followed by writes of that same tensor,
-and nothing in the graph may view it (a ``view``, slice, ``chunk``,
-``transpose``, ``detach``, an unknown function or module). A write that does
-not qualify (into a view, a parameter, a buffer or a model input; ``x[i] =
-y``) stays as it is, an impure statement: ``hidden_writes`` names it, and
+arithmetic and activations), and the tensors that may view it (a ``view``,
+slice, ``detach``, a pass-through layer such as ``Dropout`` or ``DropPath``)
+are read by nothing after the write: ``drop(h).add_(x)`` with ``h`` used
+nowhere else. A write that does not qualify (into a view read again later, a
+parameter, a buffer, a model input, the output of a function or module from
+outside torch; ``x[i] = y``) stays as it is, an impure statement: ``hidden_writes`` names it, and
 ``find_residuals`` rejects every add whose block contains it, straddles it or
 touches a tensor it may write.
 """
@@ -33,6 +34,7 @@ from revcompile.passes.graph_utils import graph_position
 from revcompile.passes.ops import (
     ACTIVATION_NAMES,
     SPATIAL_MODULES,
+    STOCHASTIC_DEPTH_CLASS_NAMES,
     has_side_effect,
     reads_metadata_only,
     written_tensor,
@@ -93,7 +95,7 @@ def normalize(gm: GraphModule) -> GraphModule:
     aliases = _AliasClasses(gm)
     for node in list(graph.nodes):
         written = written_tensor(node, gm)
-        if written is None or not aliases.exact(node):
+        if written is None or not aliases.exact(node, written):
             continue
         for user in list(written.users):
             if user is not node and position(user) > position(node):
@@ -120,7 +122,7 @@ def hidden_writes(gm: GraphModule) -> dict[Node, set[Node]]:
         if written is None:
             continue
         stale = any(position(user) > position(node) for user in written.users if user is not node)
-        if stale or not aliases.exact(node):
+        if stale or not aliases.exact(node, written):
             hidden[node] = aliases.members(node)
     return hidden
 
@@ -139,11 +141,20 @@ class _AliasClasses:
     it writes; every other tensor-valued node may be a view of its inputs and
     joins all their classes. ``get_attr`` nodes of one target share a class.
     Values that are only shapes (``x.size(1)``, arithmetic on them) join none.
+
+    A class is *external* when its storage may be seen outside the graph's data
+    flow: it holds a parameter or buffer (``get_attr``), a model input, a
+    ``x[i] = y`` write, or the result of a function or module from outside
+    torch (which may return its own state). It has *views* when a torch op or a
+    pass-through layer (``Dropout``, ``DropPath``: their input itself in eval)
+    may return a tensor of it that is not a new allocation.
     """
 
     def __init__(self, gm: GraphModule) -> None:
         self.parent: dict[Node, Node] = {}
-        self.dirty: set[Node] = set()
+        self.position = graph_position(gm.graph)
+        external: set[Node] = set()
+        viewed: set[Node] = set()
         by_target: dict[str, Node] = {}
         scalars: set[Node] = set()
         for node in gm.graph.nodes:
@@ -154,18 +165,20 @@ class _AliasClasses:
             if written is not None:
                 self._union(node, written)
                 if node.target is operator.setitem:  # returns None: no result to read
-                    self.dirty.add(self._find(node))
+                    external.add(node)
             elif reads_metadata_only(node) or _is_shape_arithmetic(node, scalars):
                 scalars.add(node)
-            elif node.op == "get_attr":
-                self._union(node, by_target.setdefault(str(node.target), node))
-                self.dirty.add(self._find(node))
+            elif node.op in ("get_attr", "placeholder"):
+                if node.op == "get_attr":
+                    self._union(node, by_target.setdefault(str(node.target), node))
+                external.add(node)
             elif not _allocates(node, gm):
-                self.dirty.add(self._find(node))
+                (viewed if _views_its_inputs_only(node, gm) else external).add(node)
                 for arg in node.all_input_nodes:
                     if arg not in scalars:
                         self._union(node, arg)
-        self.dirty = {self._find(node) for node in self.dirty}
+        self.external = {self._find(node) for node in external}
+        self.viewed = {self._find(node) for node in viewed}
 
     def _find(self, node: Node) -> Node:
         while self.parent[node] is not node:
@@ -177,16 +190,44 @@ class _AliasClasses:
         root_a, root_b = self._find(a), self._find(b)
         if root_a is not root_b:
             self.parent[root_a] = root_b
-            if root_a in self.dirty:
-                self.dirty.add(root_b)
 
-    def exact(self, write: Node) -> bool:
-        """The class of ``write`` is one allocation and writes of it, nothing else."""
-        return self._find(write) not in self.dirty
+    def exact(self, write: Node, written: Node) -> bool:
+        """Whether making ``write`` data flow (later readers of ``written``, the
+        node it writes, read the write) shows every reader of the write: its class is internal,
+        and each of its tensors made before the write, other than the one
+        written, is read only before it (a view or pass-through output of one
+        allocation, read by nothing else afterwards)."""
+        root = self._find(write)
+        if root in self.external:
+            return False
+        if root not in self.viewed:
+            return True
+        at = self.position(write)
+        return all(
+            self.position(user) <= at
+            for member in self.members(write)
+            if member is not written and self.position(member) < at
+            for user in member.users
+        )
 
     def members(self, node: Node) -> set[Node]:
         root = self._find(node)
         return {other for other in self.parent if self._find(other) is root}
+
+
+def _views_its_inputs_only(node: Node, gm: GraphModule) -> bool:
+    """Whether a non-allocating ``node`` can return only its inputs, views of
+    them or new tensors (torch ops, torch.nn layers, stochastic depth), never
+    state of its own."""
+    if node.op == "call_method":
+        return True
+    if node.op == "call_module":
+        cls = type(gm.get_submodule(str(node.target)))
+        return cls.__module__.startswith("torch.nn.") or cls.__name__ in (
+            STOCHASTIC_DEPTH_CLASS_NAMES
+        )
+    module = getattr(node.target, "__module__", None) or ""
+    return module.split(".")[0] in ("torch", "_operator")
 
 
 def _is_shape_arithmetic(node: Node, scalars: set[Node]) -> bool:

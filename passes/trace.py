@@ -59,7 +59,7 @@ LEAF_CLASS_NAMES = frozenset({"FrozenBatchNorm2d"})
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
 
 
-def _timm_notrace_registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+def timm_notrace_registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     """timm's registered no-trace module classes and functions; empty without timm."""
     try:
         from timm.layers import get_notrace_functions, get_notrace_modules
@@ -78,7 +78,7 @@ class ResidualTracer(Tracer):
     ``OrderedDict`` output)."""
 
     def __init__(self, mode_dependent: frozenset[int] = frozenset()) -> None:
-        timm_modules, timm_functions = _timm_notrace_registry()
+        timm_modules, timm_functions = timm_notrace_registry()
         super().__init__(autowrap_functions=(*timm_functions, *USER_CHECKPOINT_FUNCTIONS))
         self.extra_leaf_classes = timm_modules
         self.mode_dependent = mode_dependent
@@ -176,6 +176,21 @@ def trace(model: nn.Module, n_inputs: int | None = None) -> GraphModule:
         return _trace_mode_independent(model, _constant_defaults(model, n_inputs), snapshot)
     finally:
         snapshot.restore()
+
+
+def trace_in_current_mode(model: nn.Module) -> GraphModule:
+    """The graph of ``model`` in the mode it is in now, for analysis only (the
+    report's blocks inside modules kept whole, ``passes.opaque``): reads of
+    ``self.training`` are frozen at their current value. ``model`` is restored
+    as ``trace`` restores it; raises ``ConversionError`` where ``trace`` would."""
+    snapshot = ModuleSnapshot.take(model)
+    try:
+        tracer, graph, _ = _trace_fixing(model, snapshot, frozenset(), False, {})
+    except _Untraceable as failure:
+        raise failure.error from failure.error.__cause__
+    finally:
+        snapshot.restore()
+    return TracedGraphModule(tracer.root, graph, type(model).__name__)
 
 
 def _trace_mode_independent(

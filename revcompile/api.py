@@ -18,9 +18,11 @@ from revcompile.passes.emit import emit
 from revcompile.passes.find_residuals import find_residuals
 from revcompile.passes.ir import Plan
 from revcompile.passes.normalize import normalize
+from revcompile.passes.opaque import find_opaque_blocks
 from revcompile.passes.partition import partition
 from revcompile.passes.plan import plan
 from revcompile.passes.shape_prop import propagate_guessed_shapes, propagate_shapes
+from revcompile.passes.state_keys import restore_state_keys, traced_tensors
 from revcompile.passes.trace import trace
 from revcompile.report_builder import (
     Rewrite,
@@ -134,9 +136,11 @@ def pipeline(
     """
     inputs = _as_tuple(example_inputs)
     gm = trace(model, n_inputs=None if inputs is None else len(inputs))
+    traced = traced_tensors(gm)
     _propagate_shapes(gm, inputs)
     normalize(gm)
     blocks, rejected = find_residuals(gm)
+    opaque = find_opaque_blocks(gm)
     partitions = partition(gm, blocks)
     the_plan = plan(gm, blocks, rejected, partitions, leftover=leftover, split=split)
     rewrites: list[Rewrite] = []
@@ -144,11 +148,13 @@ def pipeline(
         _require_shapes(model, gm, the_plan, inputs)
         rewrites = emit(gm, the_plan, policy=policy, exact=exact)
         cleanup(gm)
+        restore_state_keys(gm, model, traced)
         _set_new_modules_mode(gm, model)
         _own_shared_state(gm, model)
     the_report = build_report(
         the_plan,
         rewrites,
+        opaque=opaque,
         params_before=count_parameters(model),
         params_after=count_parameters(gm) if rewrite else None,
         policy=policy if rewrite else None,

@@ -30,6 +30,7 @@ class KeptReason(Enum):
     SHAPE_READ = "shape_read"
     SHARES_WEIGHTS = "shares_weights"
     GRAD_MODE = "grad_mode"
+    KEPT_WHOLE = "kept_whole"
 
     @property
     def words(self) -> str:
@@ -47,6 +48,7 @@ _KEPT_WORDS = {
     KeptReason.SHAPE_READ: "the shape of a branch value is read outside the branch",
     KeptReason.SHARES_WEIGHTS: "shares weights with another part of the network",
     KeptReason.GRAD_MODE: "runs with grad disabled, or switches grad mode",
+    KeptReason.KEPT_WHOLE: "inside a module traced as one call",
 }
 
 

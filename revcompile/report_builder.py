@@ -24,7 +24,7 @@ from revcompile.conversion_report import (
     StageReport,
 )
 from revcompile.passes.graph_utils import module_path
-from revcompile.passes.ir import BlockPlan, Plan, Stage
+from revcompile.passes.ir import BlockPlan, OpaqueBlock, Plan, Stage
 
 REPORT_ATTRIBUTE = "revcompile_report"
 
@@ -46,6 +46,7 @@ def build_report(
     plan: Plan,
     rewrites: Sequence[Rewrite] = (),
     *,
+    opaque: Sequence[OpaqueBlock] = (),
     params_before: int | None = None,
     params_after: int | None = None,
     policy: str | None = None,
@@ -59,11 +60,13 @@ def build_report(
 
     Postconditions: one BlockReport per BlockPlan, in order, with the fate, the
     stage, the ``KeptReason`` value as ``code``, its ``detail`` and the table's
-    words as ``reason``; one StageReport per Stage; ``changes`` holds one sentence per
-    rewrite. The report holds names and strings only, no fx nodes.
+    words as ``reason``, then one kept BlockReport per block of ``opaque``
+    (``revcompile.passes.opaque``: inside modules traced as one call); one
+    StageReport per Stage; ``changes`` holds one sentence per rewrite. The
+    report holds names and strings only, no fx nodes.
     """
     return ConversionReport(
-        blocks=[_block_report(bp) for bp in plan.blocks],
+        blocks=[_block_report(bp) for bp in plan.blocks] + [_opaque_report(b) for b in opaque],
         stages=[_stage_report(stage) for stage in plan.stages],
         rejected=[RejectedReport(_describe_node(item.node), item.reason) for item in plan.rejected],
         changes=[describe_rewrite(rewrite) for rewrite in rewrites],
@@ -147,6 +150,19 @@ def _block_report(bp: BlockPlan) -> BlockReport:
         reason=None if bp.reason is None else kept_reason_text(bp.reason, bp.detail),
         code=None if bp.reason is None else bp.reason.value,
         detail=None if bp.reason is None else bp.detail,
+    )
+
+
+def _opaque_report(block: OpaqueBlock) -> BlockReport:
+    reason = KeptReason.KEPT_WHOLE
+    detail = f"{block.module}: {block.why}"
+    return BlockReport(
+        name=block.name,
+        shortcut=block.shortcut,
+        fate="kept",
+        reason=kept_reason_text(reason, detail),
+        code=reason.value,
+        detail=detail,
     )
 
 

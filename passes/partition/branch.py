@@ -10,6 +10,7 @@ stage input, which backward needs).
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any
 
 import torch
@@ -214,7 +215,10 @@ def build_branch(
         env[block.fork] = copy_node(pre_op)
     for node in part.nodes:
         env[node] = copy_node(node)
-    graph.output(env[block.branch_out])
+    out = env[block.branch_out]
+    if block.branch_scale != 1:  # torch.add(x, f, alpha=a): the coupling adds a * f
+        out = graph.call_function(operator.mul, (out, block.branch_scale))
+    graph.output(out)
     result = GraphModule(attrs, graph, class_name="Branch")
     result.training = gm.training
     return result

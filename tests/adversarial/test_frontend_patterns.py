@@ -562,11 +562,6 @@ def test_resnet_fpn_backbone_keeps_keys_and_ordered_dict() -> None:
 # ------------------------------------------------- 8. the original is not modified
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the traced add_ on the buffer is deleted by cleanup's dead-code elimination "
-    "(in-place statement DCE is fixed on the cleanup branch)",
-)
 def test_buffer_update_in_forward_runs_in_the_converted_module_only() -> None:
     model = Wrapper(Counter()).double()
     gm = revcompile.convert(model, X)

@@ -211,17 +211,7 @@ def _pattern_subject(name: str, options: dict) -> checks.Subject:
     return checks.Subject(f"{name} pattern, convert(**{options})", build, (x,), options=options)
 
 
-_UNUSED = "open defect: submodules forward never calls are dropped from the state_dict"
-_VIT = "open defect: duplicate-split stages lose the original state_dict keys of their blocks"
-OPEN_DEFECTS = {
-    "unused_aux_head": dict.fromkeys(("auto", "default", "duplicate", "store_half"), _UNUSED),
-    "vit": dict.fromkeys(("auto", "duplicate", "store_half"), _VIT),
-}
-
-
 @pytest.mark.parametrize("options", sorted(OPTIONS))
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_real_world_pattern(name, options):
-    if name in OPEN_DEFECTS and options in OPEN_DEFECTS[name]:
-        pytest.xfail(OPEN_DEFECTS[name][options])
     _assert_no_defects(checks.run_subject(_pattern_subject(name, OPTIONS[options])))

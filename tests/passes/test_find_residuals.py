@@ -147,15 +147,15 @@ SPELLINGS: dict[str, Row] = {
     "sum([x, f(x)])": Row(lambda m, x: sum([x, m.f(x)]), "identity"),
     "sum([f(x), x])": Row(lambda m, x: sum([m.f(x), x]), "identity"),
     "torch.add(x, f, alpha=1)": Row(lambda m, x: torch.add(x, m.f(x), alpha=1), "identity"),
+    # scaled residuals: the constant alpha scales the branch (block.branch_scale)
+    "torch.add(x, f, alpha=0.5)": Row(lambda m, x: torch.add(x, m.f(x), alpha=0.5), "identity"),
+    "x.add(f, alpha=2)": Row(lambda m, x: x.add(m.f(x), alpha=2), "identity"),
+    "x.add_(f, alpha=0.1)": Row(lambda m, x: (x * 1).add_(m.f(x), alpha=0.1), "projection"),
     # adds that are not residual blocks, or must stay as they are
-    "torch.add(x, f, alpha=0.5)": Row(
-        lambda m, x: torch.add(x, m.f(x), alpha=0.5), "rejected", "alpha=0.5"
+    "f.add(x, alpha=0.5) (scaled shortcut)": Row(
+        lambda m, x: m.f(x).add(x, alpha=0.5), "rejected", "scales its shortcut (alpha=0.5)"
     ),
-    "x.add(f, alpha=2)": Row(lambda m, x: x.add(m.f(x), alpha=2), "rejected", "alpha=2"),
-    "x.add_(f, alpha=0.1)": Row(
-        lambda m, x: (x * 1).add_(m.f(x), alpha=0.1), "rejected", "alpha=0.1"
-    ),
-    "torch.add(x, f, alpha=0.5, out=buf)": Row(_alpha_out_buffer, "rejected", "alpha=0.5"),
+    "torch.add(x, f, alpha=0.5, out=buf)": Row(_alpha_out_buffer, "rejected", "out=empty_like"),
     "torch.add(x, f, out=buf)": Row(_out_buffer, "rejected", "out=empty_like"),
     "f(x) + g(x) (Inception)": Row(lambda m, x: m.f(x) + m.g(x), "rejected", "parallel branches"),
     "x + x": Row(lambda m, x: x + x, "rejected", "to itself"),
@@ -211,13 +211,7 @@ class Chain(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "name",
-    [
-        "torch.add(x, f, alpha=0.5)",
-        "x.add(f, alpha=2)",
-        "x.add_(f, alpha=0.1)",
-        "write through a view in the block",
-    ],
+    "name", ["f.add(x, alpha=0.5) (scaled shortcut)", "write through a view in the block"]
 )
 @pytest.mark.parametrize("policy", ["store", "checkpoint"])
 def test_adds_kept_as_they_are_keep_the_function(name: str, policy: str) -> None:
@@ -230,6 +224,22 @@ def test_adds_kept_as_they_are_keep_the_function(name: str, policy: str) -> None
     assert not revcompile.report(gm).stages
     assert_same_function(model, gm, x)
     assert_state_unchanged(model, before)
+
+
+def test_block_with_constant_alpha_converts_with_the_scale_in_its_branch() -> None:
+    """``torch.add(x, f, alpha=a)`` blocks become couplings that add ``a * F``: the
+    converted module equals the conversion of ``x + a * f(x)`` with the same weights."""
+    alpha = Chain(SPELLINGS["torch.add(x, f, alpha=0.5)"].spelling).double()
+    scaled = Chain(lambda m, x: x + m.f(x) * 0.5).double()
+    scaled.load_state_dict(alpha.state_dict())
+    x = torch.randn(IMAGE, dtype=torch.float64)
+    gm_alpha, gm_scaled = revcompile.convert(alpha, x), revcompile.convert(scaled, x)
+    assert [b.fate for b in revcompile.report(gm_alpha).blocks] == ["F", "G", "F", "G"]
+    for mode in ("eval", "train"):
+        a, b = copy.deepcopy(gm_alpha), copy.deepcopy(gm_scaled)
+        getattr(a, mode)(), getattr(b, mode)()
+        assert torch.equal(a(x), b(x))
+    compare_with_reference(gm_alpha, x)
 
 
 def test_sum_chain_converts_as_identity_blocks() -> None:

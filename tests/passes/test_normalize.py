@@ -177,3 +177,62 @@ def test_operator_iadd_is_a_write_and_a_join() -> None:
     assert torch.equal(gm(value), want)
     (block,), rejected = find_residuals(gm)
     assert block.shortcut == "identity" and block.join.target is operator.iadd and not rejected
+
+
+class PassThroughWrite(nn.Module):
+    """``drop(h).add_(x)``: timm's DropPath and nn.Dropout return their input itself
+    in eval; nothing else reads ``h`` afterwards, so the write is exact data flow."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.drop = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        out = self.drop(h.view(h.shape)).add_(x)
+        return out.relu()
+
+
+class OwnState(nn.Module):
+    """Returns a buffer of its own: a write into its output writes module state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(2, 4, 6, 6, dtype=torch.float64))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.cache
+
+
+def _drop_path() -> nn.Module:
+    from timm.layers import DropPath
+
+    return DropPath(0.2)
+
+
+def test_writes_of_pass_through_outputs_become_data_flow() -> None:
+    for layer in (nn.Dropout(0.5), _drop_path(), nn.Identity()):
+        model = PassThroughWrite(layer).double().eval()
+        gm = normalize(trace(model))
+        nodes = {node.name: node for node in gm.graph.nodes}
+        assert not hidden_writes(gm), type(layer).__name__
+        assert nodes["relu"].args[0] is nodes["add_"]
+        x = _input()
+        assert torch.equal(gm(x), model(x))
+
+
+def test_a_pass_through_view_read_again_after_the_write_stays_hidden() -> None:
+    class Net(PassThroughWrite):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x)
+            self.drop(h).add_(x)
+            return h * 2  # reads the written storage through h
+
+    gm = normalize(trace(Net(nn.Dropout(0.5)).double().eval()))
+    assert [node.name for node in hidden_writes(gm)] == ["add_"]
+
+
+def test_writes_into_a_user_module_output_stay_hidden() -> None:
+    gm = normalize(trace(PassThroughWrite(OwnState()).double()))
+    assert [node.name for node in hidden_writes(gm)] == ["add_"]
