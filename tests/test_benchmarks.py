@@ -168,3 +168,18 @@ def test_fidelity_quick_run(tmp_path) -> None:
         else:
             assert 0.0 < row["revlib_angle_deg"] < 1.0
     assert saved["meta"]["summary"]["n3"]["exact_bitwise_every_step"]
+
+
+def test_exact_cost_quick_run(tmp_path) -> None:
+    run_script("exact_cost", "--quick", results_dir=tmp_path)
+
+    stem = tmp_path / "exact_cost_quick"
+    for suffix in (".csv", ".json", ".md", ".png"):
+        assert stem.with_suffix(suffix).stat().st_size > 0, suffix
+    saved = results(stem)
+    stages = [r for r in saved["rows"] if r["measure"] == "saved_bytes" and r["what"] == "stage"]
+    # Two float64 streams instead of one float32 output, at every depth.
+    assert [r["ratio"] for r in stages] == [2.0, 2.0]
+    summary = saved["meta"]["summary"]
+    assert summary["stage_saved_bound_met"] and summary["stage_exact_bytes_constant"]
+    assert summary["stage_time_ratio"] > 0 and summary["network_time_ratio"] > 0

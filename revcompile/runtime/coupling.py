@@ -115,11 +115,12 @@ class _OnGrid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, bits: int) -> Tensor:
         ctx.dtype = x.dtype
-        # Scaling by a power of two and rounding to an integer are exact in the branch's
-        # dtype (float16 excepted: 2**bits overflows it), so rounding there and widening
-        # afterwards equals rounding in float64, with two of the four passes at half width.
+        # Scaling by a power of two, rounding to an integer and scaling back (multiples
+        # of 2**-bits >= 2**-52 are normal numbers) are exact in the branch's dtype
+        # (float16 excepted: 2**bits overflows it), so rounding there and widening last
+        # equals rounding in float64, with three of the four passes at the narrow width.
         wide = x.float() if x.dtype == torch.float16 else x
-        return torch.round(wide * 2.0**bits).double().mul_(2.0**-bits)
+        return (wide * 2.0**bits).round_().mul_(2.0**-bits).double()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
