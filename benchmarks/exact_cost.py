@@ -261,10 +261,10 @@ def plot(rows: list[dict[str, Any]], stem: Any) -> None:
     left.legend(fontsize=8)
     timed = [r for r in rows if r["measure"] == "step_time"]
     for i, r in enumerate(timed):
-        for offset, mode in ((-0.2, "float"), (0.2, "exact")):
+        for offset, mode, colour in ((-0.2, "float", "tab:blue"), (0.2, "exact", "tab:orange")):
             times = r[f"{mode}_times_s"]
-            right.scatter([i + offset] * len(times), times, s=12, alpha=0.6)
-            right.bar(i + offset, r[f"{mode}_median_s"], 0.35, alpha=0.5, label=None)
+            right.scatter([i + offset] * len(times), times, s=12, color="gray", alpha=0.6)
+            right.bar(i + offset, r[f"{mode}_median_s"], 0.35, color=colour, alpha=0.6)
     right.set_xticks(
         [i + o for i in range(len(timed)) for o in (-0.2, 0.2)],
         [f"{r['what']}\n{mode}" for r in timed for mode in ("float", "exact")],
