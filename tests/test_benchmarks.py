@@ -145,3 +145,41 @@ def test_conversion_time_quick_run(tmp_path) -> None:
     assert row["model"] == "resnet50" and row["stages"] > 0
     assert row["convert_guessed_s"] > row["analyze_guessed_s"] > 0
     assert row["phases_fraction"] and abs(sum(row["phases_fraction"].values()) - 1) < 0.01
+
+
+def test_fidelity_quick_run(tmp_path) -> None:
+    run_script("fidelity", "--quick", results_dir=tmp_path)
+
+    stem = tmp_path / "fidelity_quick"
+    for suffix in (".csv", ".json", ".md", ".png"):
+        assert stem.with_suffix(suffix).stat().st_size > 0, suffix
+    saved = results(stem)
+    training = [r for r in saved["rows"] if r["table"] == "training"]
+    depth = [r for r in saved["rows"] if r["table"] == "depth"]
+    assert [r["step"] for r in training] == [0, 2, 4]
+    assert [r["n"] for r in depth] == [2, 4]
+    for row in training + depth:
+        # Exact mode: bitwise equal to reference_mode; float mode: close, not equal.
+        assert row["exact_bitwise"] and row["exact_angle_deg"] == 0.0
+        assert 0.0 < row["float_angle_deg"] < 1.0
+        assert row["stored32_rel_err"] > 0.0
+        if saved["meta"]["peers"]["revlib"].startswith("unavailable"):
+            assert "revlib_angle_deg" not in row
+        else:
+            assert 0.0 < row["revlib_angle_deg"] < 1.0
+    assert saved["meta"]["summary"]["n3"]["exact_bitwise_every_step"]
+
+
+def test_exact_cost_quick_run(tmp_path) -> None:
+    run_script("exact_cost", "--quick", results_dir=tmp_path)
+
+    stem = tmp_path / "exact_cost_quick"
+    for suffix in (".csv", ".json", ".md", ".png"):
+        assert stem.with_suffix(suffix).stat().st_size > 0, suffix
+    saved = results(stem)
+    stages = [r for r in saved["rows"] if r["measure"] == "saved_bytes" and r["what"] == "stage"]
+    # Two float64 streams instead of one float32 output, at every depth.
+    assert [r["ratio"] for r in stages] == [2.0, 2.0]
+    summary = saved["meta"]["summary"]
+    assert summary["stage_saved_bound_met"] and summary["stage_exact_bytes_constant"]
+    assert summary["stage_time_ratio"] > 0 and summary["network_time_ratio"] > 0

@@ -20,6 +20,7 @@ from torch import nn
 from revcompile import AdditiveCoupling, ReversibleSequence
 from revcompile.memory import saved_activation_bytes
 from revcompile.runtime import check_inverse
+from revcompile.runtime.coupling import Grid
 
 
 def exact_stack(
@@ -159,3 +160,25 @@ def test_exact_stage_saves_both_streams_in_float64_independent_of_depth() -> Non
     output = 2 * 8 * 8 * 8 * 4
     assert saved(2, False) == saved(16, False) == output
     assert saved(2, True) == saved(16, True) == 2 * output
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_quantise_rounds_half_to_even_onto_the_grid(dtype: torch.dtype) -> None:
+    """Grid.quantise is round(x * 2**k) / 2**k computed in float64, whatever the branch dtype."""
+    grid = Grid(32, dtype)
+    halves = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 3.0, -1e-3]) * 2.0**-32
+    x = torch.cat([torch.randn(4096) * 10.0 ** torch.randint(-14, 4, (4096,)), halves]).to(dtype)
+    want = torch.round(x.double() * 2.0**32) / 2.0**32
+    got = grid.quantise(x)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
+def test_range_check_rejects_non_finite_and_accepts_empty() -> None:
+    grid = Grid(32, torch.float32)
+    assert grid.check(torch.empty(0, dtype=torch.float64), "s").numel() == 0
+    for bad in (float("nan"), float("inf"), -float("inf"), 2.0**21, -(2.0**21)):
+        x = torch.zeros(8, dtype=torch.float64)
+        x[3] = bad
+        with pytest.raises(OverflowError, match="s: exact mode"):
+            grid.check(x, "s")
+    grid.check(torch.full((8,), 2.0**21 - 1, dtype=torch.float64), "s")

@@ -42,7 +42,9 @@ class CifarResNet(nn.Module):
     Attribute names follow torchvision's ResNet (``conv1``, ``bn1``, ``relu``,
     ``layer1``..., ``avgpool``, ``fc``) so that the same wrappers apply to both.
     ``stage_factory(in_planes, planes, stride, n)`` builds one stage; the
-    default is ``n`` :class:`BasicBlock` (the original ResNet).
+    default is ``n`` :class:`BasicBlock` (the original ResNet). ``widths``
+    and ``in_channels`` make narrower variants (the fidelity benchmark's
+    8/16/32 on 1-channel digits); the defaults are the paper's.
     """
 
     def __init__(
@@ -50,14 +52,17 @@ class CifarResNet(nn.Module):
         n: int,
         stage_factory: Callable[[int, int, int, int], nn.Module] | None = None,
         num_classes: int = 10,
+        widths: tuple[int, int, int] = (16, 32, 64),
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         factory = stage_factory or plain_stage
-        self.conv1 = conv3x3(3, 16)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.conv1 = conv3x3(in_channels, widths[0])
+        self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        in_planes = 16
-        for index, (planes, stride) in enumerate(CIFAR_WIDTHS, start=1):
+        in_planes = widths[0]
+        strides = [stride for _, stride in CIFAR_WIDTHS]
+        for index, (planes, stride) in enumerate(zip(widths, strides, strict=True), start=1):
             setattr(self, f"layer{index}", factory(in_planes, planes, stride, n))
             in_planes = planes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
