@@ -69,6 +69,7 @@ ALLOCATING_NAMES = frozenset(
         "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
         "sum", "mean", "amax", "amin", "var", "std", "zeros_like", "ones_like", "empty_like",
         "full_like", "rand_like", "randn_like", "zeros", "ones", "empty", "full", "where",
+        "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor",
         "clamp", "clip", "masked_fill", "minimum", "maximum", "reciprocal", "square",
         "scaled_dot_product_attention",
     }
@@ -142,10 +143,10 @@ class _AliasClasses:
     joins all their classes. ``get_attr`` nodes of one target share a class.
     Values that are only shapes (``x.size(1)``, arithmetic on them) join none.
 
-    A class is *external* when its storage may be seen outside the graph's data
-    flow: it holds a parameter or buffer (``get_attr``), a model input, a
-    ``x[i] = y`` write, or the result of a function or module from outside
-    torch (which may return its own state). It has *views* when a torch op or a
+    A node is *external* when its storage may be seen outside the graph's data
+    flow: a parameter or buffer (``get_attr``), a model input, a ``x[i] = y``
+    write, or the result of a function or module from outside torch (which may
+    return its own state). It has *views* when a torch op or a
     pass-through layer (``Dropout``, ``DropPath``: their input itself in eval)
     may return a tensor of it that is not a new allocation.
     """
@@ -177,7 +178,7 @@ class _AliasClasses:
                 for arg in node.all_input_nodes:
                     if arg not in scalars:
                         self._union(node, arg)
-        self.external = {self._find(node) for node in external}
+        self.external = external
         self.viewed = {self._find(node) for node in viewed}
 
     def _find(self, node: Node) -> Node:
@@ -193,19 +194,21 @@ class _AliasClasses:
 
     def exact(self, write: Node, written: Node) -> bool:
         """Whether making ``write`` data flow (later readers of ``written``, the
-        node it writes, read the write) shows every reader of the write: its class is internal,
-        and each of its tensors made before the write, other than the one
-        written, is read only before it (a view or pass-through output of one
-        allocation, read by nothing else afterwards)."""
-        root = self._find(write)
-        if root in self.external:
-            return False
-        if root not in self.viewed:
-            return True
+        node it writes, read the write) shows every reader of the write: no
+        tensor of its class made before the write is external, and each of
+        them other than the one written is read only before it (a view or
+        pass-through output of one allocation, read by nothing else
+        afterwards). External tensors made after the write (a user module
+        reading the written value) see it through the data flow."""
         at = self.position(write)
+        members = self.members(write)
+        if any(m in self.external and self.position(m) <= at for m in members):
+            return False
+        if self._find(write) not in self.viewed:
+            return True
         return all(
             self.position(user) <= at
-            for member in self.members(write)
+            for member in members
             if member is not written and self.position(member) < at
             for user in member.users
         )

@@ -307,7 +307,7 @@ def _block(draw, families, width: int, size: int, dim: int, allow_down: bool):
     if shortcut != "identity" and not any(op.kind == "act" for op in branch):
         # analysis takes the operand without a nonlinearity as the projection shortcut: a
         # linear branch next to a projection is an Inception-style join, not a residual.
-        branch = (branch[0], Op("act", ("relu",)), *branch[1:])
+        branch = tuple(_make_inplace_safe([branch[0], Op("act", ("relu",)), *branch[1:]]))
     spelling = draw(st.sampled_from(_pool(families, _SPELLINGS)))
     scales = ["none"] + (["layerscale"] if "scale" in families else [])
     scales += ["shared_layerscale"] if "tying" in families and shortcut == "identity" else []

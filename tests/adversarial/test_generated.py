@@ -26,10 +26,6 @@ def _assert_no_defects(outcome: checks.Outcome) -> None:
     assert not outcome.defects, "\n".join(map(str, outcome.defects))
 
 
-# Open defects the generator still finds (issue 12, listed in LONG_RUN.md and the
-# closing note): state_dict keys of shared/duplicated parameters lost, unused
-# submodules dropped. Not strict: a run may draw no network that shows one.
-@pytest.mark.xfail(reason="open issue-12 defects: lost state_dict keys of tied parameters")
 @settings(phases=NO_SHRINK)
 @given(generator.networks(max_blocks=4))
 def test_generated_network(spec):

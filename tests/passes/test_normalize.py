@@ -236,3 +236,40 @@ def test_a_pass_through_view_read_again_after_the_write_stays_hidden() -> None:
 def test_writes_into_a_user_module_output_stay_hidden() -> None:
     gm = normalize(trace(PassThroughWrite(OwnState()).double()))
     assert [node.name for node in hidden_writes(gm)] == ["add_"]
+
+
+def test_a_fresh_mask_drawn_in_place_is_data_flow() -> None:
+    """Hand-written stochastic depth: ``h.new_empty(...).bernoulli_(p)`` allocates
+    (``new_empty`` is no view of ``h``), so the draw is exact data flow."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x)
+            keep = h.new_empty(h.shape[0], 1, 1, 1).bernoulli_(0.8)
+            return x + h * keep / 0.8
+
+    gm = normalize(trace(Net()))
+    assert not hidden_writes(gm)
+
+
+def test_a_user_module_reading_the_written_value_later_sees_it_by_data_flow() -> None:
+    """``out.relu_()`` then ``self.user(out)``: the user module may return its own
+    state, but it reads ``out`` only after the write, through the data flow."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.user = OwnState()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.conv(x) + x
+            out.relu_()
+            return self.user(out)
+
+    gm = normalize(trace(Net()))
+    assert not hidden_writes(gm)
