@@ -223,10 +223,14 @@ def _branch_scale(join: Node, branch_out: Node) -> float | str:
 
 def _hidden_write_reason(graph: _Graph, join: Node, fork: Node, region: set[Node]) -> str | None:
     """Why an in-place write the data flow does not show forbids the block: it
-    lies between fork and join (it may read or write what the block computes),
-    or it may write a tensor of the block (through a view, a parameter, an input)."""
+    may write a tensor of the block (through a view, a parameter, an input), or
+    it runs after some of the block's nodes and before its join (a layer of the
+    block may read the state it writes: converting would reorder the two). A
+    write after the fork but before the block computes anything (a counter
+    ``self.calls.add_(1)`` between the stem and the blocks) keeps its order."""
     block = {fork, join, *region}
-    start, end = graph.position(fork), graph.position(join)
+    start = min(graph.position(node) for node in (join, *region))
+    end = graph.position(join)
     for write, aliases in graph.hidden.items():
         if start < graph.position(write) <= end or aliases & block:
             return (

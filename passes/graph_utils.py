@@ -1,11 +1,32 @@
 """Graph utilities shared by the passes: node order, module paths, unique
-names and the shapes shape propagation recorded."""
+names, the shapes shape propagation recorded, and copying modules."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
+import torch
+from torch import nn
 from torch.fx import Graph, Node
+
+T = TypeVar("T")
+
+
+def deep_copy(value: T, memo: dict[int, Any] | None = None) -> T:
+    """``copy.deepcopy`` that also copies modules holding tensors computed in a
+    forward: old-style ``weight_norm`` and ``torch.nn.utils.prune`` keep
+    ``weight`` as a non-leaf attribute, recomputed from their parameters before
+    every call, which deepcopy refuses (pytorch#103001). Those become detached
+    clones; ``memo`` is deepcopy's."""
+    memo = {} if memo is None else memo
+    if isinstance(value, nn.Module):
+        for module in value.modules():
+            for tensor in vars(module).values():
+                if isinstance(tensor, torch.Tensor) and not tensor.is_leaf:
+                    memo.setdefault(id(tensor), tensor.detach().clone())
+    return copy.deepcopy(value, memo)
 
 
 def module_path(node: Node) -> str:

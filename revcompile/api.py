@@ -16,6 +16,7 @@ from revcompile.options import Leftover, Policy, Split
 from revcompile.passes.cleanup import cleanup
 from revcompile.passes.emit import emit
 from revcompile.passes.find_residuals import find_residuals
+from revcompile.passes.graph_utils import deep_copy
 from revcompile.passes.ir import Plan
 from revcompile.passes.normalize import normalize
 from revcompile.passes.opaque import find_opaque_blocks
@@ -229,7 +230,7 @@ def _own_shared_state(gm: GraphModule, model: nn.Module) -> None:
             continue
         for name, child in list(owner.named_children()):
             if id(child) in originals:
-                setattr(owner, name, copy.deepcopy(child, memo))
+                setattr(owner, name, deep_copy(child, memo))
         for tensors in (owner._parameters, owner._buffers):
             for name, tensor in tensors.items():
                 if tensor is not None and id(tensor) in originals:

@@ -111,6 +111,12 @@ class Analysis:
         """Give ``node`` its value by its rule; PartitionError when no rule applies."""
         rule = rule_for(node, self.gm)
         module = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if module is not None and any(m._forward_pre_hooks for m in module.modules()):
+            # weight_norm / prune recompute ``weight`` from their own tensors before
+            # each call: slicing the layer would not slice what the hook computes.
+            raise PartitionError(
+                f"{op_name(node)} has forward pre-hooks (torch.nn.utils.weight_norm or prune)"
+            )
         value = None if rule is None else rule.propagate(self, node, module)
         if value is None:
             raise PartitionError(f"unsupported op {op_name(node)} in branch")

@@ -14,6 +14,7 @@ import operator
 from typing import Any
 
 import torch
+from revcompile.passes.graph_utils import deep_copy
 from revcompile.passes.ir import BranchPartition, ChannelRoles, ResidualBlock, Side
 from revcompile.passes.ops import op_name, out_of_place, reads_metadata_only
 from revcompile.passes.partition.analysis import fetch_attr
@@ -236,12 +237,12 @@ def _copy_module(
     if key in memo:
         return memo[key]
     if in_side is None and out_side is None:
-        new = copy.deepcopy(mod)
+        new = deep_copy(mod)
     else:
         # Copy the module around its own tensors, cut, then copy whatever the
         # cut did not replace: each weight is copied once, at its final size.
         originals = {id(t): t for t in (*mod.parameters(), *mod.buffers())}
-        new = copy.deepcopy(mod, dict(originals))
+        new = deep_copy(mod, dict(originals))
         rule = module_rule(new)
         if rule is not None and rule.cut is not None:
             new = rule.cut(new, slices[in_side], slices[out_side])

@@ -9,9 +9,7 @@ user's model, so an in-place module is copied rather than changed.
 
 from __future__ import annotations
 
-import copy
-
-from revcompile.passes.graph_utils import graph_position
+from revcompile.passes.graph_utils import deep_copy, graph_position
 from revcompile.passes.ops import out_of_place
 from torch.fx import GraphModule, Node
 
@@ -24,7 +22,7 @@ def copy_out_of_place(gm: GraphModule, node: Node, new_input: Node, name: str) -
     """
     target, args, kwargs, _ = out_of_place(node, gm)
     if node.op == "call_module" and getattr(gm.get_submodule(str(target)), "inplace", False):
-        module = copy.deepcopy(gm.get_submodule(str(target)))
+        module = deep_copy(gm.get_submodule(str(target)))
         module.inplace = False
         gm.add_submodule(name, module)
         target = name

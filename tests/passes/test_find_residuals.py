@@ -309,3 +309,36 @@ def test_every_add_once_on_the_zoo(factory: Callable[[], nn.Module]) -> None:
     adds = [node for node in gm.graph.nodes if is_add(node)]
     seen = [block.join for block in blocks] + [item.node for item in rejected]
     assert sorted(seen, key=adds.index) == adds
+
+
+class CounterBetween(nn.Module):
+    """A buffer counter written after the fork: before the block computes anything
+    (the block is found) or in the middle of its branch (the block is rejected)."""
+
+    def __init__(self, middle: bool) -> None:
+        super().__init__()
+        self.middle = middle
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.middle:
+            self.calls.add_(1)
+        h = self.conv1(x)
+        if self.middle:
+            self.calls.add_(1)
+        return x + self.conv2(torch.relu(h))
+
+
+def test_a_state_write_before_the_block_computes_keeps_the_block() -> None:
+    gm = trace(CounterBetween(middle=False))
+    blocks, _ = find_residuals(normalize(gm))
+    assert [b.shortcut for b in blocks] == ["identity"]
+
+
+def test_a_state_write_inside_the_block_rejects_it() -> None:
+    gm = trace(CounterBetween(middle=True))
+    blocks, rejected = find_residuals(normalize(gm))
+    assert not blocks
+    assert any("writes in place" in r.reason for r in rejected)

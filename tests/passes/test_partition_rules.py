@@ -7,13 +7,17 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.utils.prune
 import torchvision
+from equivalence import compare_with_reference
 from revcompile.passes.find_residuals import find_residuals
 from revcompile.passes.partition import partition
 from revcompile.passes.partition.rules import module_rule, rule_for
 from revcompile.passes.shape_prop import propagate_shapes
 from revcompile.passes.trace import trace
 from torch import nn
+
+import revcompile
 
 
 class Residual(nn.Module):
@@ -61,3 +65,36 @@ def test_unknown_op_has_no_rule() -> None:
     gm = torch.fx.symbolic_trace(Residual(nn.Flatten()))
     flatten = next(n for n in gm.graph.nodes if n.op == "call_module")
     assert rule_for(flatten, gm) is None
+
+
+class _HookedBlock(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        if kind == "prune":
+            torch.nn.utils.prune.l1_unstructured(self.c1, "weight", 0.3)
+        else:
+            self.c1 = torch.nn.utils.weight_norm(self.c1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.c2(torch.relu(self.c1(x)))
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated")
+@pytest.mark.parametrize("kind", ["prune", "weight_norm"])
+def test_old_style_weight_hooks_are_kept_when_halving_and_copied_when_duplicating(
+    kind: str,
+) -> None:
+    """``prune`` / old ``weight_norm`` recompute ``weight`` in a pre-hook (a non-leaf
+    attribute after a forward, which deepcopy refuses): halving would not slice what the
+    hook computes, so the block is kept; at full width the hooked layer is copied."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), _HookedBlock(kind), _HookedBlock(kind)).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model(x)
+    halved = revcompile.report(revcompile.convert(model, x))
+    assert [b.code for b in halved.blocks] == ["not_halvable"] * 2
+    assert "forward pre-hooks" in halved.blocks[0].reason
+    gm = revcompile.convert(model, x, split="duplicate")
+    assert revcompile.report(gm).stages
+    compare_with_reference(gm, x)
