@@ -145,3 +145,19 @@ def test_conversion_time_quick_run(tmp_path) -> None:
     assert row["model"] == "resnet50" and row["stages"] > 0
     assert row["convert_guessed_s"] > row["analyze_guessed_s"] > 0
     assert row["phases_fraction"] and abs(sum(row["phases_fraction"].values()) - 1) < 0.01
+
+
+def test_compile_quick_run(tmp_path) -> None:
+    # The "eager" backend: dynamo's graphs without code generation, to keep the smoke test short.
+    run_script("compile", "--quick", "--backend", "eager", results_dir=tmp_path)
+
+    stem = tmp_path / "compile_quick"
+    for suffix in (".csv", ".json", ".md", ".png"):
+        assert stem.with_suffix(suffix).stat().st_size > 0, suffix
+    rows = {r["variant"]: r for r in results(stem)["rows"]}
+    assert list(rows) == ["original", "original_compiled", "converted", "converted_compiled"]
+    for row in rows.values():
+        assert not any(key.endswith("error") for key in row), row
+        assert row["train_median_s"] > 0 and row["inference_median_s"] > 0
+    assert rows["converted_compiled"]["output_max_abs_diff"] < 1e-4
+    assert rows["converted"]["saved_bytes"] < rows["original"]["saved_bytes"]
