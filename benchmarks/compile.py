@@ -13,7 +13,8 @@ four variants, measured in one process:
 For each: the training step time (forward, cross-entropy, backward, SGD step),
 the inference time (``eval()``, ``torch.no_grad()``), the first training and
 inference step (which include compilation), the saved activation bytes of a
-training forward (``revcompile.memory.saved_activation_bytes``) and, on CUDA,
+training forward (``revcompile.memory.saved_activation_bytes``; of them, the
+weight copies a compiled graph saves, see ``_saved_weight_copies``) and, on CUDA,
 the peak ``torch.cuda.max_memory_allocated`` of one training step after
 warm-up. Training steps of the four variants are timed round-robin (warm-up
 rounds, then the median of the repeats), then the inference steps. Each
@@ -29,6 +30,7 @@ same seed.
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -127,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("original", "converted"):
         entry = meta["summary"][kind]
         print(
-            f"{kind}: compiled/eager training {fixed(entry['train_ratio'])}, "
-            f"inference {fixed(entry['inference_ratio'])}"
+            f"{kind}: compiled/eager training {fixed(entry['train_ratio'])} "
+            f"(per round {fixed(entry['train_ratio_paired_median'])}), inference "
+            f"{fixed(entry['inference_ratio'])} (per round "
+            f"{fixed(entry['inference_ratio_paired_median'])})"
         )
     run.report()
     return 0
@@ -165,6 +169,7 @@ def _row(
             row[key] = entry["error"]
     try:
         row["saved_bytes"] = saved_activation_bytes(model.train(), x)
+        row["saved_weight_copy_bytes"] = _saved_weight_copies(model, x)
         if device.type == "cuda":
             row["peak_step_bytes"] = _cuda_peak(training_step(model, x, "cross_entropy"), device)
     except Exception as exc:  # a failed measurement is a result, not a crash
@@ -175,6 +180,29 @@ def _row(
             want = inferred[variant.removesuffix("_compiled")](x)
         row["output_max_abs_diff"] = (got - want).abs().max().item()
     return row
+
+
+def _saved_weight_copies(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages a training forward saves that hold a tensor shaped
+    like a weight (a parameter of 2 or more dimensions) but are no parameter's storage.
+
+    These are weight copies kept for backward (inductor saves conv weights in its
+    own layout), counted by ``saved_activation_bytes`` as saved tensors. A
+    heuristic: an activation shaped exactly like a weight would be counted too.
+    """
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() > 1}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    copies: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if tuple(tensor.shape) in shapes and storage.data_ptr() not in params:
+            copies[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x)
+    return sum(copies.values())
 
 
 def _cuda_peak(step: Callable[[], None], device: torch.device) -> int:
@@ -197,11 +225,20 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         summary[kind] = {
             "train_ratio": ratio(compiled["train_median_s"], eager["train_median_s"]),
             "inference_ratio": ratio(compiled["inference_median_s"], eager["inference_median_s"]),
+            # Robust to the load of a shared machine changing between rounds.
+            "train_ratio_paired_median": _paired_median(compiled, eager, "train_times_s"),
+            "inference_ratio_paired_median": _paired_median(compiled, eager, "inference_times_s"),
         }
     summary["converted_vs_original_saved_bytes"] = ratio(
         by["converted"].get("saved_bytes"), by["original"].get("saved_bytes")
     )
     return summary
+
+
+def _paired_median(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+    """The median over timed rounds of ``a``'s time / ``b``'s time in the same round."""
+    paired = [x / y for x, y in zip(a[key], b[key]) if y]
+    return statistics.median(paired) if paired else None
 
 
 def _table(rows: list[dict[str, Any]], title: str, device: torch.device) -> str:
@@ -212,6 +249,7 @@ def _table(rows: list[dict[str, Any]], title: str, device: torch.device) -> str:
         "inference (median s)",
         "first inference (s)",
         "saved MiB",
+        "of which weight copies",
     ]
     if device.type == "cuda":
         header.append("peak step MiB")
@@ -224,6 +262,7 @@ def _table(rows: list[dict[str, Any]], title: str, device: torch.device) -> str:
             seconds(r["inference_median_s"]),
             seconds(r["first_inference_s"]),
             mib(r.get("saved_bytes")),
+            mib(r.get("saved_weight_copy_bytes")),
         ]
         if device.type == "cuda":
             line.append(mib(r.get("peak_step_bytes")))
