@@ -30,7 +30,9 @@ same seed.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -78,25 +80,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured rounds")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed training rounds (median)")
+    parser.add_argument(
+        "--inference-repeats", type=int, default=20, help="timed inference rounds (median)"
+    )
+    parser.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="use inductor's on-disk cache as it is (default: an empty one, so that the first "
+        "steps include all code generation)",
+    )
     parser.add_argument("--quick", action="store_true", help="batch 2, 32x32, 1 repeat")
     add_results_dir(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.batch, args.size, args.warmup, args.repeats = 2, 32, 1, 1
+        args.batch, args.size, args.warmup, args.repeats, args.inference_repeats = 2, 32, 1, 1, 1
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args, run = Run.from_command_line("compile", parse_args, argv)
     meta = run.meta
-    meta["config"] = {
-        k: getattr(args, k) for k in ("model", "batch", "size", "backend", "warmup", "repeats")
-    }
+    keys = ("model", "batch", "size", "backend", "warmup", "repeats", "inference_repeats")
+    meta["config"] = {k: getattr(args, k) for k in keys}
+    if not args.warm_cache:
+        # Read by inductor when it first compiles; a fresh folder per run.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_cache_")
+    meta["config"]["inductor_cache"] = "warm" if args.warm_cache else "empty"
     meta["notes"] = [
         "Training steps of the four variants timed round-robin, then the inference steps; "
-        f"{args.warmup} warm-up round(s), median of {args.repeats} timed rounds.",
-        "first_*_s: the first call, which includes compilation for the compiled variants.",
+        f"{args.warmup} warm-up round(s), median of {args.repeats} (training) and "
+        f"{args.inference_repeats} (inference) timed rounds.",
+        "first_*_s: the first call, which includes compilation for the compiled variants "
+        f"(inductor's on-disk cache {meta['config']['inductor_cache']} at the start).",
         "output_max_abs_diff: inference output of the compiled variant against its eager "
         "twin (same weights).",
     ]
@@ -113,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats,
     )
     infer = interleaved_times(
-        {v: _inference_step(m, x) for v, m in inferred.items()}, device, args.warmup, args.repeats
+        {v: _inference_step(m, x) for v, m in inferred.items()},
+        device,
+        args.warmup,
+        args.inference_repeats,
     )
     rows = [_row(v, trained[v], inferred, train[v], infer[v], x, device) for v in VARIANTS]
     meta["summary"] = _summary(rows)
@@ -124,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.model}, batch {args.batch}, 3x{args.size}x{args.size}, backend {args.backend} "
         f"— {machine_line(meta['machine'])}"
     )
-    run.write_markdown([_table(rows, title, device)])
+    run.write_markdown([_table(rows, title, device), _ratio_table(meta["summary"])])
     _plot(rows, run.stem, title)
     for kind in ("original", "converted"):
         entry = meta["summary"][kind]
@@ -268,6 +287,27 @@ def _table(rows: list[dict[str, Any]], title: str, device: torch.device) -> str:
             line.append(mib(r.get("peak_step_bytes")))
         lines.append(line)
     return print_table(title, header, lines)
+
+
+def _ratio_table(summary: dict[str, Any]) -> str:
+    lines = [
+        [
+            kind,
+            fixed(summary[kind]["train_ratio"]),
+            fixed(summary[kind]["train_ratio_paired_median"]),
+            fixed(summary[kind]["inference_ratio"]),
+            fixed(summary[kind]["inference_ratio_paired_median"]),
+        ]
+        for kind in ("original", "converted")
+    ]
+    header = [
+        "compiled / eager",
+        "training (medians)",
+        "training (per round)",
+        "inference (medians)",
+        "inference (per round)",
+    ]
+    return print_table("compiled / eager time", header, lines)
 
 
 def _plot(rows: list[dict[str, Any]], stem: Any, title: str) -> None:
