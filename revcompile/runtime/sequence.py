@@ -142,7 +142,7 @@ class ReversibleSequence(nn.Module):
 
     # torch.compile runs the training path eagerly (a graph break): dynamo cannot
     # trace the RNG and state bookkeeping, and the custom backward is what saves
-    # the memory. Compiled branches (``compile_branches``) still run compiled in it.
+    # the memory. What it calls runs compiled after ``compile_parts``.
     @torch.compiler.disable
     def _reversible_forward(self, x: Tensor) -> Tensor:
         # The tensors in the module's slots now (functional_call, FSDP may have
