@@ -12,7 +12,7 @@ from torch.fx import GraphModule
 
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError
-from revcompile.options import Leftover, Policy, Split
+from revcompile.options import Compile, Leftover, Policy, Split, compile_keywords
 from revcompile.passes.cleanup import cleanup
 from revcompile.passes.emit import emit
 from revcompile.passes.find_residuals import find_residuals
@@ -32,6 +32,7 @@ from revcompile.report_builder import (
     count_parameters,
     report,
 )
+from revcompile.runtime import compile_parts
 
 __all__ = ["Analysis", "analyze", "attach_report", "convert", "pipeline", "report"]
 
@@ -72,6 +73,7 @@ def convert(
     leftover: Leftover = "store",
     split: Split = "halve",
     exact: bool = False,
+    compile: Compile = False,
 ) -> GraphModule:
     """Return a reversible ``GraphModule`` version of ``model``.
 
@@ -101,11 +103,17 @@ def convert(
     reversible backward reconstructs the forward's inputs bit for bit and its
     gradients equal ``reference_mode()``'s exactly; overflow of the grid's range
     raises ``OverflowError``.
+    ``compile``: True, or a dict of ``torch.compile`` keywords (``backend``,
+    ``mode``, ``options``, ...), compiles the result's parts with
+    ``revcompile.runtime.compile_parts``: each F and G (in the forward and the
+    backward's recomputation) and each checkpointed segment's body, and the
+    module itself, whose eval/no-grad forward is then one graph.
 
     The result owns its parameters and buffers; ``model`` is never modified.
     The converted network computes a different function from ``model`` (a
     RevNet of the same layout), meant to be trained.
     """
+    compile_kwargs = compile_keywords(compile)
     gm, _, the_report = pipeline(
         model,
         example_inputs,
@@ -116,6 +124,8 @@ def convert(
         exact=exact,
     )
     attach_report(gm, the_report)
+    if compile_kwargs is not None:
+        compile_parts(gm, **compile_kwargs)
     return gm
 
 

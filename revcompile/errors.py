@@ -47,3 +47,7 @@ class MeasurementTimeout(RevcompileError, TimeoutError):
 
 class PythonRandomnessError(ConversionError):
     """Traced code draws Python-level random numbers (``random``, ``numpy.random``)."""
+
+
+class OptionError(RevcompileError, ValueError):
+    """An option of ``convert`` has a value it cannot take; the message lists the allowed ones."""

@@ -183,3 +183,19 @@ def test_exact_cost_quick_run(tmp_path) -> None:
     summary = saved["meta"]["summary"]
     assert summary["stage_saved_bound_met"] and summary["stage_exact_bytes_constant"]
     assert summary["stage_time_ratio"] > 0 and summary["network_time_ratio"] > 0
+
+
+def test_compile_quick_run(tmp_path) -> None:
+    # The "eager" backend: dynamo's graphs without code generation, to keep the smoke test short.
+    run_script("compile", "--quick", "--backend", "eager", results_dir=tmp_path)
+
+    stem = tmp_path / "compile_quick"
+    for suffix in (".csv", ".json", ".md", ".png"):
+        assert stem.with_suffix(suffix).stat().st_size > 0, suffix
+    rows = {r["variant"]: r for r in results(stem)["rows"]}
+    assert list(rows) == ["original", "original_compiled", "converted", "converted_compiled"]
+    for row in rows.values():
+        assert not any(key.endswith("error") for key in row), row
+        assert row["train_median_s"] > 0 and row["inference_median_s"] > 0
+    assert rows["converted_compiled"]["output_max_abs_diff"] < 1e-4
+    assert rows["converted"]["saved_bytes"] < rows["original"]["saved_bytes"]

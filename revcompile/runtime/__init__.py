@@ -11,10 +11,12 @@ Modules: ``coupling`` (the coupling math, once), ``function`` (the reversible
 autograd Function), ``sequence`` (the stage), ``segment`` (checkpointed
 parts), ``state`` (module state and RNG recorded in forward, replayed in
 recomputation), ``modes`` (``reference_mode``), ``debug``
-(``check_inverse``). The runtime imports only torch and the standard
+(``check_inverse``), ``compiling`` (``torch.compile`` inside the stages:
+``compile_parts``). The runtime imports only torch and the standard
 library; it never imports the compiler passes.
 """
 
+from revcompile.runtime.compiling import compile_parts
 from revcompile.runtime.coupling import AdditiveCoupling
 from revcompile.runtime.debug import check_inverse
 from revcompile.runtime.modes import in_reference_mode, reference_mode
@@ -27,6 +29,7 @@ __all__ = [
     "ReversibleSequence",
     "Split",
     "check_inverse",
+    "compile_parts",
     "in_reference_mode",
     "reference_mode",
 ]

@@ -42,13 +42,22 @@ def runs_plain(*inputs: object) -> bool:
     autograd Function whose forward calls modules; and under ``torch.func``
     transforms (``vmap``), for which the Function has no rules: a trace or a
     transform records one forward, and the memory-saving backward is no part of it.
+
+    Under ``torch.compile`` the transform check is left to :func:`under_transform`
+    in the eagerly run training path: dynamo cannot trace it, and skipping it here
+    keeps the plain (eval, no-grad) path one graph.
     """
     return (
         in_reference_mode()
         or not torch.is_grad_enabled()
         or torch.jit.is_tracing()
-        or any(
-            isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
-            for t in inputs
-        )
+        or (not torch.compiler.is_compiling() and under_transform(*inputs))
+    )
+
+
+def under_transform(*inputs: object) -> bool:
+    """Whether any input is a ``torch.func`` transform's wrapped tensor (eager only)."""
+    return any(
+        isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+        for t in inputs
     )

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from revcompile.runtime.modes import runs_plain
+from revcompile.runtime.modes import runs_plain, under_transform
 from revcompile.runtime.state import CallRecorder, Replay, UsedTensors
 
 __all__ = ["CheckpointedSegment"]
@@ -42,9 +42,15 @@ class CheckpointedSegment(nn.Module):
         super().__init__()
         self.body = body
 
-    @torch.compiler.disable
     def forward(self, *args):
         if runs_plain(*args):
+            return self.body(*args)
+        return self._checkpointed(*args)
+
+    # As ReversibleSequence's training path: eager under torch.compile.
+    @torch.compiler.disable
+    def _checkpointed(self, *args):
+        if under_transform(*args):
             return self.body(*args)
         call = _RecordedCall(self.body)
         return checkpoint(

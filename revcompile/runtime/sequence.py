@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from revcompile.runtime.coupling import AdditiveCoupling, Grid, forward_step, plain_call
 from revcompile.runtime.function import _ReversibleFunction
-from revcompile.runtime.modes import runs_plain
+from revcompile.runtime.modes import runs_plain, under_transform
 from revcompile.runtime.state import UsedTensors
 
 __all__ = ["ReversibleSequence", "Split"]
@@ -134,17 +134,21 @@ class ReversibleSequence(nn.Module):
             forward_step(coupling, streams, plain_call, grid)
         return self._merge(streams, x.dtype)
 
-    # torch.compile runs the stage eagerly (a graph break): dynamo cannot trace the
-    # RNG bookkeeping, and the custom backward is what saves the memory.
-    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         x = trunk_input(x)
         if runs_plain(x):
             return self._plain_forward(x)
+        return self._reversible_forward(x)
+
+    # torch.compile runs the training path eagerly (a graph break): dynamo cannot
+    # trace the RNG and state bookkeeping, and the custom backward is what saves
+    # the memory. What it calls runs compiled after ``compile_parts``.
+    @torch.compiler.disable
+    def _reversible_forward(self, x: Tensor) -> Tensor:
         # The tensors in the module's slots now (functional_call, FSDP may have
         # swapped them in): the backward uses these, not a later lookup.
         used = UsedTensors(self)
         params = [used.tensors[i] for i in used.trainable]
-        if not (x.requires_grad or params):
+        if under_transform(x) or not (x.requires_grad or params):
             return self._plain_forward(x)
         return _ReversibleFunction.apply(x, self, used, *params)
