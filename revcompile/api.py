@@ -12,7 +12,9 @@ from torch.fx import GraphModule
 
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError
-from revcompile.options import Leftover, Policy, Split
+from revcompile.memory import saved_activation_bytes
+from revcompile.options import Leftover, MemoryBudget, Policy, Split
+from revcompile.passes.budget import budget
 from revcompile.passes.cleanup import cleanup
 from revcompile.passes.emit import emit
 from revcompile.passes.find_residuals import find_residuals
@@ -69,6 +71,8 @@ def convert(
     leftover: Leftover = "store",
     split: Split = "halve",
     exact: bool = False,
+    memory_budget: MemoryBudget | None = None,
+    preserve_function: bool = False,
 ) -> GraphModule:
     """Return a reversible ``GraphModule`` version of ``model``.
 
@@ -99,6 +103,20 @@ def convert(
     gradients equal ``reference_mode()``'s exactly; overflow of the grid's range
     raises ``OverflowError``.
 
+    ``memory_budget`` plans the fastest training step that fits (DESIGN.md §11;
+    ``policy`` is then not used): a float ``0 < B <= 1`` is a fraction of the
+    original's saved activation bytes, an int is bytes, a string a size such as
+    ``"8GiB"`` or ``"500MB"``, all at the size of ``example_inputs`` (required)
+    and in ``model``'s train/eval mode. Every run of the network (each stage,
+    each kept block, stem, head) is stored, checkpointed or made reversible so
+    that the recomputed FLOPs are fewest and the saved bytes fit, exactly;
+    ``report(gm).budget`` is the plan, with predicted and measured bytes.
+    ``BudgetError`` (a ``ConversionError``; ``.smallest`` is the smallest
+    achievable size) says when no plan fits. ``preserve_function=True`` plans
+    with storing and checkpointing only: the network keeps its function (no
+    coupling), the best activation-checkpointing plan for the budget (1.0 when
+    none is given).
+
     The result owns its parameters and buffers; ``model`` is never modified.
     The converted network computes a different function from ``model`` (a
     RevNet of the same layout), meant to be trained.
@@ -111,6 +129,8 @@ def convert(
         leftover=leftover,
         split=split,
         exact=exact,
+        memory_budget=1.0 if preserve_function and memory_budget is None else memory_budget,
+        preserve_function=preserve_function,
     )
     attach_report(gm, the_report)
     return gm
@@ -125,6 +145,8 @@ def pipeline(
     leftover: Leftover = "store",
     split: Split = "halve",
     exact: bool = False,
+    memory_budget: MemoryBudget | None = None,
+    preserve_function: bool = False,
 ) -> Analysis:
     """Every pass, in order; ``rewrite=False`` (``analyze``) stops after planning.
 
@@ -142,16 +164,23 @@ def pipeline(
     rewrites: list[Rewrite] = []
     if rewrite:
         _require_shapes(model, gm, the_plan, inputs)
+        if memory_budget is not None:
+            the_plan = budget(
+                gm, the_plan, _planned_inputs(model, inputs), memory_budget,
+                preserve_function=preserve_function, exact=exact,
+            )  # fmt: skip
         rewrites = emit(gm, the_plan, policy=policy, exact=exact)
         cleanup(gm)
         _set_new_modules_mode(gm, model)
         _own_shared_state(gm, model)
+        if the_plan.budget is not None and inputs is not None:
+            the_plan.budget.measured_bytes = saved_activation_bytes(gm, *inputs)
     the_report = build_report(
         the_plan,
         rewrites,
         params_before=count_parameters(model),
         params_after=count_parameters(gm) if rewrite else None,
-        policy=policy if rewrite else None,
+        policy=("memory_budget" if the_plan.budget else policy) if rewrite else None,
         leftover=leftover,
     )
     return Analysis(gm, the_plan, the_report)
@@ -161,6 +190,17 @@ def _as_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...] | None:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     return None if example_inputs is None else tuple(example_inputs)
+
+
+def _planned_inputs(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...] | None
+) -> tuple[torch.Tensor, ...]:
+    if inputs is None:
+        raise ConversionError(
+            f"memory_budget plans at the size of example_inputs; pass example_inputs to "
+            f"convert() for {type(model).__name__}"
+        )
+    return inputs
 
 
 def _propagate_shapes(gm: GraphModule, inputs: tuple[torch.Tensor, ...] | None) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -42,15 +41,6 @@ EXIT_OK = 0
 EXIT_CONVERSION = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    **{f"{p}B": 1000 ** (i + 1) for i, p in enumerate("KMGT")},
-    **{p: 1000 ** (i + 1) for i, p in enumerate("KMGT")},
-    **{f"{p}IB": 1024 ** (i + 1) for i, p in enumerate("KMGT")},
-}
-_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
 
 class UsageError(RevcompileError):
@@ -103,17 +93,10 @@ def parse_kwargs(text: str) -> dict[str, Any]:
 
 def parse_budget(text: str) -> int:
     """``"24GB"`` -> 24e9 bytes, ``"24GiB"`` -> 24 * 2**30, a bare number is bytes."""
-    match = _BUDGET.match(text)
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(
-            f"malformed --budget {text!r}: expected a size such as 24GB, 512MiB or 1e9 bytes "
-            "as 1000000000 (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024)"
-        )
-    value = float(match.group(1)) * _UNITS[unit]
-    if value <= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"--budget {text!r} must be positive")
-    return int(value)
+    try:
+        return options.parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"malformed --budget {text!r}: {error}") from None
 
 
 def _human(n: int) -> str:

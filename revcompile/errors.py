@@ -47,3 +47,18 @@ class MeasurementTimeout(RevcompileError, TimeoutError):
 
 class PythonRandomnessError(ConversionError):
     """Traced code draws Python-level random numbers (``random``, ``numpy.random``)."""
+
+
+class BudgetError(ConversionError):
+    """No plan fits ``memory_budget``; ``smallest`` is the fewest saved bytes any plan reaches."""
+
+    def __init__(self, budget: int, smallest: int, preserve_function: bool) -> None:
+        how = "storing and checkpointing" if preserve_function else "any plan"
+        super().__init__(
+            f"memory_budget of {budget:,} bytes cannot be met: the smallest saved activations "
+            f"{how} reaches at this input size is {smallest:,} bytes; give a budget of at least "
+            "that, or a smaller input"
+            + ("" if not preserve_function else " (or allow reversible couplings)")
+        )
+        self.budget = budget
+        self.smallest = smallest

@@ -60,7 +60,7 @@ def build_report(
     Postconditions: one BlockReport per BlockPlan, in order, with the fate, the
     stage, the ``KeptReason`` value as ``code``, its ``detail`` and the table's
     words as ``reason``; one StageReport per Stage; ``changes`` holds one sentence per
-    rewrite. The report holds names and strings only, no fx nodes.
+    rewrite; ``budget`` is the memory planner's table (the plan's own record). The report holds names and strings only, no fx nodes.
     """
     return ConversionReport(
         blocks=[_block_report(bp) for bp in plan.blocks],
@@ -72,6 +72,7 @@ def build_report(
         shapes_checked=plan.shapes_known,
         policy=policy,
         leftover=leftover,
+        budget=plan.budget,
     )
 
 
