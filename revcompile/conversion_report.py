@@ -49,7 +49,7 @@ _KEPT_WORDS = {
     KeptReason.SHAPE_READ: "the shape of a branch value is read outside the branch",
     KeptReason.SHARES_WEIGHTS: "shares weights with another part of the network",
     KeptReason.GRAD_MODE: "runs with grad disabled, or switches grad mode",
-    KeptReason.BUDGET: "the memory budget is met faster without converting it",
+    KeptReason.BUDGET: "the memory plan stores or checkpoints it instead",
     KeptReason.PRESERVED: "preserve_function=True keeps the network's function",
 }
 

@@ -60,7 +60,8 @@ def build_report(
     Postconditions: one BlockReport per BlockPlan, in order, with the fate, the
     stage, the ``KeptReason`` value as ``code``, its ``detail`` and the table's
     words as ``reason``; one StageReport per Stage; ``changes`` holds one sentence per
-    rewrite; ``budget`` is the memory planner's table (the plan's own record). The report holds names and strings only, no fx nodes.
+    rewrite; ``budget`` is the memory planner's table (the plan's own record). The
+    report holds names and strings only, no fx nodes.
     """
     return ConversionReport(
         blocks=[_block_report(bp) for bp in plan.blocks],
