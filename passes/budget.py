@@ -236,6 +236,8 @@ def budget(
         )
         for option, bytes_ in zip(chosen, added)
     ]
+    for node in gm.graph.nodes:  # a plan made before on this graph
+        node.meta.pop(CHECKPOINT_SPAN, None)
     for span, option in enumerate(o for o in chosen if o.choice == "checkpoint"):
         for unit in range(option.start, option.stop):
             for node in units.nodes[unit]:

@@ -148,7 +148,8 @@ def pipeline(
     memory_budget: MemoryBudget | None = None,
     preserve_function: bool = False,
 ) -> Analysis:
-    """Every pass, in order; ``rewrite=False`` (``analyze``) stops after planning.
+    """Every pass, in order; ``rewrite=False`` (``analyze``) stops after planning
+    (the memory plan included, when ``memory_budget`` is given).
 
     Options as in ``convert``. ``model`` is not modified: without ``rewrite``,
     ``gm`` shares its parameters and buffers with ``model``; with it, ``gm``
@@ -162,13 +163,13 @@ def pipeline(
     partitions = partition(gm, blocks)
     the_plan = plan(gm, blocks, rejected, partitions, leftover=leftover, split=split)
     rewrites: list[Rewrite] = []
+    if memory_budget is not None:
+        the_plan = budget(
+            gm, the_plan, _planned_inputs(model, inputs), memory_budget,
+            preserve_function=preserve_function, exact=exact,
+        )  # fmt: skip
     if rewrite:
         _require_shapes(model, gm, the_plan, inputs)
-        if memory_budget is not None:
-            the_plan = budget(
-                gm, the_plan, _planned_inputs(model, inputs), memory_budget,
-                preserve_function=preserve_function, exact=exact,
-            )  # fmt: skip
         rewrites = emit(gm, the_plan, policy=policy, exact=exact)
         cleanup(gm)
         _set_new_modules_mode(gm, model)

@@ -10,7 +10,9 @@ for the report.
 from __future__ import annotations
 
 import copy
+import json
 
+import cli_factories
 import models
 import pytest
 import torch
@@ -18,7 +20,8 @@ import torchvision
 from equivalence import compare_with_reference
 from torch import nn
 
-from revcompile import convert, report
+from revcompile import convert, load, report
+from revcompile.cli import main
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import BudgetError, ConversionError
 from revcompile.memory import saved_activation_bytes
@@ -218,3 +221,60 @@ def test_the_plan_is_in_the_report_and_survives_serialisation() -> None:
     assert "memory plan:" in text and "predicted" in text and "measured" in text
     for row in the_report.budget.segments:
         assert row.name in text and row.choice in ("store", "checkpoint", "reversible")
+
+
+# --- command line -------------------------------------------------------------
+
+FACTORY = "cli_factories:small_resnet"
+SHAPE = "2,3,32,32"
+
+
+def test_cli_convert_plans_within_the_budget(tmp_path, capsys) -> None:
+    out, json_report = tmp_path / "model.pt", tmp_path / "report.json"
+    argv = ["convert", FACTORY, "--input-shape", SHAPE, "--memory-budget", "0.2"]
+    assert main([*argv, "-o", str(out), "--report", str(json_report)]) == 0
+    printed = capsys.readouterr().out
+    assert "memory plan:" in printed
+    plan = json.loads(json_report.read_text())["budget"]
+    assert plan["measured_bytes"] == plan["predicted_bytes"] <= plan["budget_bytes"]
+    assert plan["budget_bytes"] == int(0.2 * plan["original_bytes"])
+    assert report(load(out)).budget.predicted_bytes == plan["predicted_bytes"]
+
+
+@pytest.mark.parametrize("preserve", [[], ["--preserve-function"]])
+def test_cli_inspect_prints_the_plan_and_the_largest_batch_that_fits(capsys, preserve) -> None:
+    argv = ["inspect", FACTORY, "--input-shape", SHAPE, "--memory-budget", "1MB", *preserve]
+    assert main([*argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    largest = result["memory"]["plan_max_batch"]
+    assert result["report"]["budget"]["budget_bytes"] == 10**6
+    model = cli_factories.small_resnet()
+    for batch, fits in ((largest, True), (largest + 1, False)):
+        x = torch.randn(batch, 3, 32, 32)
+        if fits:
+            convert(model, x, memory_budget=10**6, preserve_function=bool(preserve))
+        else:
+            with pytest.raises(BudgetError):
+                convert(model, x, memory_budget=10**6, preserve_function=bool(preserve))
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "memory plan:" in printed
+    fitting = "largest batch whose planned saved activations fit in 976.6 KiB (input 3x32x32)"
+    assert f"{fitting}: {largest:,}" in printed
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--input-shape", SHAPE, "--memory-budget", "12XB"], 2, "malformed --memory-budget"),
+        (["--memory-budget", "0.5"], 2, "--memory-budget needs --input-shape"),
+        (["--input-shape", SHAPE, "--memory-budget", "10"], 1, "cannot be met"),
+    ],
+)
+def test_cli_memory_budget_errors(capsys, args: list[str], code: int, message: str) -> None:
+    try:
+        result = main(["inspect", FACTORY, *args])
+    except SystemExit as exit_:  # argparse
+        result = exit_.code
+    assert result == code
+    assert message in capsys.readouterr().err
