@@ -56,9 +56,8 @@ class BudgetError(ConversionError):
         how = "storing and checkpointing" if preserve_function else "any plan"
         super().__init__(
             f"memory_budget of {budget:,} bytes cannot be met: the smallest saved activations "
-            f"{how} reaches at this input size is {smallest:,} bytes; give a budget of at least "
-            "that, or a smaller input"
-            + ("" if not preserve_function else " (or allow reversible couplings)")
+            f"{how} reaches at this input size are {smallest:,} bytes; give at least that, "
+            "or a smaller input" + (" (or allow reversible couplings)" if preserve_function else "")
         )
         self.budget = budget
         self.smallest = smallest

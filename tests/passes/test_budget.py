@@ -13,11 +13,10 @@ from collections.abc import Iterator
 
 import hypothesis.strategies as st
 from hypothesis import given, settings
-from revcompile.passes.budget import (
+from revcompile.passes.budget import _shared_storage_cuts, _Units
+from revcompile.passes.budget_solver import (
     Option,
     Problem,
-    _shared_storage_cuts,
-    _Units,
     contributions,
     min_bytes,
     plan_bytes,
@@ -41,7 +40,8 @@ def problems(draw: st.DrawFn) -> Problem:
             kind = draw(st.sampled_from(["none", "checkpoint", "reversible", "both"]))
             flops = draw(st.integers(0, 40))
             if kind in ("checkpoint", "both"):
-                options.append(Option(start, stop, "checkpoint", 0, True, False, flops))
+                held = draw(st.integers(0, 150))
+                options.append(Option(start, stop, "checkpoint", 0, True, False, flops, None, held))
             if kind in ("reversible", "both"):
                 options.append(
                     Option(
@@ -76,10 +76,12 @@ def saved(problem: Problem, plan: list[Option]) -> int:
     return sum(o.internal for o in plan) + sum(problem.boundary_bytes[k] for k in boundaries)
 
 
-def cost(plan: list[Option]) -> tuple[int, int]:
+def cost(plan: list[Option]) -> tuple[int, int, int]:
+    """Recomputed FLOPs, then recomputed units, then bytes held while recomputing."""
     return (
         sum(o.flops for o in plan),
         sum(o.stop - o.start for o in plan if o.choice != "store"),
+        sum(o.recompute_bytes for o in plan),
     )
 
 
@@ -122,7 +124,7 @@ def test_unbounded_budget_stores_everything_when_storing_is_free() -> None:
         (
             Option(0, 1, "store", 10, True, True, 0),
             Option(1, 2, "store", 10, True, False, 0),
-            Option(0, 2, "checkpoint", 0, True, False, 7),
+            Option(0, 2, "checkpoint", 0, True, False, 7, None, 14),
         ),
     )
     assert [o.choice for o in solve(problem, 10**9) or []] == ["store", "store"]
@@ -130,6 +132,21 @@ def test_unbounded_budget_stores_everything_when_storing_is_free() -> None:
     assert plan_bytes(problem, solve(problem, 28) or []) == 28
     assert [o.choice for o in solve(problem, 27) or []] == ["checkpoint"]
     assert solve(problem, 3) is None and min_bytes(problem) == 4
+
+
+def test_equal_flops_prefer_shorter_checkpointed_runs() -> None:
+    """Two runs recompute what one long run does; they hold less while recomputing
+    (the long one also holds boundary 1) and save boundary 1 (4 bytes) more."""
+    problem = Problem(
+        (4, 4, 4),
+        (
+            Option(0, 1, "checkpoint", 0, True, False, 5, None, 10),
+            Option(1, 2, "checkpoint", 0, True, False, 5, None, 10),
+            Option(0, 2, "checkpoint", 0, True, False, 10, None, 24),
+        ),
+    )
+    assert [(o.start, o.stop) for o in solve(problem, 8) or []] == [(0, 1), (1, 2)]
+    assert [(o.start, o.stop) for o in solve(problem, 7) or []] == [(0, 2)]
 
 
 def test_cuts_between_units_sharing_a_storage_are_dropped() -> None:
