@@ -12,7 +12,9 @@ for backward and must not be written).
 With ``policy="checkpoint"`` every non-reversible segment left between stages
 (stem, downsampling blocks, odd leftovers, head) is then wrapped in a
 ``CheckpointedSegment``, so that training stores activations only at segment
-inputs.
+inputs. A plan from the memory planner (``Plan.budget``) says instead which
+runs of nodes to checkpoint (``meta[CHECKPOINT_SPAN]``), and the policy is
+not used.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from revcompile.passes.graph_utils import (
     unique_name,
 )
 from revcompile.passes.ir import (
+    CHECKPOINT_SPAN,
     BranchPartition,
     Coupling,
     MadeOutOfPlace,
@@ -66,16 +69,17 @@ def emit(
     Postconditions: one ``call_module`` node per stage, named after the stage;
     the absorbed blocks' nodes are erased; with ``policy="checkpoint"`` and at
     least one stage, every other compute node sits inside a
-    ``CheckpointedSegment``. ``gm`` still needs ``cleanup`` (dead submodules,
-    lint, recompile). Returns the rewrites made, one record each (``describe()``
-    gives the report's sentence). ``exact`` makes every stage carry its trunk in
+    ``CheckpointedSegment``; with ``plan.budget``, exactly the tagged runs do.
+    ``gm`` still needs ``cleanup`` (dead submodules, lint, recompile). Returns
+    the rewrites made, one record each (``describe()`` gives the report's
+    sentence). ``exact`` makes every stage carry its trunk in
     fixed point (``ReversibleSequence(exact=True)``).
     """
     options.check("policy", policy, Policy)
     # Every stage is built from the original graph before any of it is rewritten,
     # with one memo of copies: what the original shared, the copies share.
     copies: Copies = {}
-    built = [_build_stage(gm, stage, plan.partitions, copies, exact) for stage in plan.stages]
+    built = [build_stage(gm, stage, plan.partitions, copies, exact) for stage in plan.stages]
     read_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     replaced: dict[Node, Node] = {}
     changes: list[Rewrite] = []
@@ -89,15 +93,33 @@ def emit(
     def is_stage(node: Node) -> bool:
         return node.op == "call_module" and node.target in stage_names
 
-    checkpoint = policy == "checkpoint" and bool(plan.stages)
-    changes += _protect_saved_values(gm, is_stage, checkpoint)
-    if checkpoint:
-        changes += _checkpoint_segments(gm, is_stage)
+    def segments() -> list[list[Node]]:
+        """The runs to checkpoint, found again after each rewrite of the graph."""
+        if plan.budget is not None:
+            return _tagged_runs(gm)
+        if policy == "checkpoint" and plan.stages:
+            return _runs(gm, is_stage)
+        return []
+
+    changes += _protect_saved_values(gm, is_stage, segments())
+    changes += _checkpoint_segments(gm, is_stage, segments())
     return changes
 
 
+def _tagged_runs(gm: GraphModule) -> list[list[Node]]:
+    """The memory planner's checkpointed runs: for each ``meta[CHECKPOINT_SPAN]``
+    number, the nodes from its first to its last tagged node, in graph order."""
+    nodes = list(gm.graph.nodes)
+    bounds: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        span = node.meta.get(CHECKPOINT_SPAN)
+        if span is not None:
+            bounds.setdefault(span, [i, i])[1] = i
+    return [nodes[first : last + 1] for first, last in sorted(bounds.values())]
+
+
 def _protect_saved_values(
-    gm: GraphModule, is_stage: Callable[[Node], bool], checkpoint: bool
+    gm: GraphModule, is_stage: Callable[[Node], bool], segments: list[list[Node]]
 ) -> list[Rewrite]:
     """Make the in-place writers of values backward needs out-of-place.
 
@@ -109,10 +131,9 @@ def _protect_saved_values(
     every later reader reads the written value as before.
     """
     saved = {node for node in gm.graph.nodes if is_stage(node)}
-    if checkpoint:
-        for run in _runs(gm, is_stage):
-            members = set(run)
-            saved.update(a for n in run for a in n.all_input_nodes if a not in members)
+    for run in segments:
+        members = set(run)
+        saved.update(a for n in run for a in n.all_input_nodes if a not in members)
     used_names = set(dict(gm.named_modules())) | set(dir(gm))
     changes: list[Rewrite] = []
     for node in list(gm.graph.nodes):
@@ -125,7 +146,10 @@ def _protect_saved_values(
                 "assign into a clone instead"
             )
         described = _describe(node)
-        replace_out_of_place(gm, node, unique_name(f"{node.name}_out_of_place", used_names))
+        span = node.meta.get(CHECKPOINT_SPAN)
+        new = replace_out_of_place(gm, node, unique_name(f"{node.name}_out_of_place", used_names))
+        if span is not None:
+            new.meta[CHECKPOINT_SPAN] = span
         changes.append(MadeOutOfPlace(described, written.name))
     return changes
 
@@ -141,7 +165,7 @@ def _runs(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[list[Node]]
     return [run for run in runs if any(n.op.startswith("call_") for n in run)]
 
 
-def _build_stage(
+def build_stage(
     gm: GraphModule, stage: Stage, partitions: Partitions, copies: Copies, exact: bool
 ) -> ReversibleSequence:
     """The ReversibleSequence of ``stage``: half-width branches along the stage's
@@ -310,18 +334,20 @@ def _describe(node: Node) -> str:
     return str(node.target) if node.op == "call_module" else node.name
 
 
-def _checkpoint_segments(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[Rewrite]:
-    """Wrap each maximal run of non-stage compute nodes in a CheckpointedSegment."""
-    segments = _runs(gm, is_stage)
-    first_stage = next(n for n in gm.graph.nodes if is_stage(n))
-    last_stage = next(n for n in reversed(gm.graph.nodes) if is_stage(n))
+def _checkpoint_segments(
+    gm: GraphModule, is_stage: Callable[[Node], bool], segments: list[list[Node]]
+) -> list[Rewrite]:
+    """Wrap each of ``segments`` (runs of consecutive non-stage nodes) in a
+    CheckpointedSegment; those before every stage are ``stem``, after every
+    stage ``head`` (when there are stages)."""
+    stages = [n for n in gm.graph.nodes if is_stage(n)]
     order = graph_position(gm.graph)
     used_names = set(dict(gm.named_modules())) | set(dir(gm))
     changes: list[Rewrite] = []
     for segment in segments:
-        if order(segment[-1]) < order(first_stage):
+        if stages and order(segment[-1]) < order(stages[0]):
             base = "stem"
-        elif order(segment[0]) > order(last_stage):
+        elif stages and order(segment[0]) > order(stages[-1]):
             base = "head"
         else:
             base = _span_name(gm, segment)
@@ -337,7 +363,7 @@ def _span_name(gm: GraphModule, segment: list[Node]) -> str:
     Named after the layers with weights: a lone post-op or pooling says little.
     """
     owners = [
-        str(n.target).rpartition(".")[0]
+        str(n.target).rpartition(".")[0] or str(n.target)  # a top-level layer: its own name
         for n in segment
         if n.op == "call_module" and any(True for _ in gm.get_submodule(str(n.target)).parameters())
     ]

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 
 from torch.fx import Node
 
-from revcompile.conversion_report import KeptReason
+from revcompile.conversion_report import BudgetReport, KeptReason
 from revcompile.options import StageSplit
 
 ShortcutKind = Literal["identity", "projection"]
@@ -197,6 +197,13 @@ class Plan:
     shapes_known: bool = False
     partitions: Mapping[ResidualBlock, BranchPartition] = field(default_factory=dict)
     """The partition records planning used, by block; ``emit`` builds from them."""
+    budget: BudgetReport | None = None
+    """The memory planner's table (``revcompile.passes.budget``); with it, ``emit``
+    checkpoints exactly the runs of nodes tagged ``meta[CHECKPOINT_SPAN]``."""
+
+
+CHECKPOINT_SPAN = "revcompile_checkpoint_span"
+"""``node.meta`` key: the memory planner's number of the checkpointed run holding the node."""
 
 
 # --------------------------------------------------------------------------- rewrites

@@ -12,7 +12,9 @@ from torch.fx import GraphModule
 
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError
-from revcompile.options import Compile, Leftover, Policy, Split, compile_keywords
+from revcompile.memory import saved_activation_bytes
+from revcompile.options import Compile, Leftover, MemoryBudget, Policy, Split, compile_keywords
+from revcompile.passes.budget import budget
 from revcompile.passes.cleanup import cleanup
 from revcompile.passes.emit import emit
 from revcompile.passes.find_residuals import find_residuals
@@ -74,6 +76,8 @@ def convert(
     split: Split = "halve",
     exact: bool = False,
     compile: Compile = False,
+    memory_budget: MemoryBudget | None = None,
+    preserve_function: bool = False,
 ) -> GraphModule:
     """Return a reversible ``GraphModule`` version of ``model``.
 
@@ -109,6 +113,20 @@ def convert(
     backward's recomputation) and each checkpointed segment's body, and the
     module itself, whose eval/no-grad forward is then one graph.
 
+    ``memory_budget`` plans the fastest training step that fits (DESIGN.md §11;
+    ``policy`` is then not used): a float ``0 < B <= 1`` is a fraction of the
+    original's saved activation bytes, an int is bytes, a string a size such as
+    ``"8GiB"`` or ``"500MB"``, all at the size of ``example_inputs`` (required)
+    and in ``model``'s train/eval mode. Every run of the network (each stage,
+    each kept block, stem, head) is stored, checkpointed or made reversible so
+    that the recomputed FLOPs are fewest and the saved bytes fit, exactly;
+    ``report(gm).budget`` is the plan, with predicted and measured bytes.
+    ``BudgetError`` (a ``ConversionError``; ``.smallest`` is the smallest
+    achievable size) says when no plan fits. ``preserve_function=True`` plans
+    with storing and checkpointing only: the network keeps its function (no
+    coupling), the best activation-checkpointing plan for the budget (1.0 when
+    none is given).
+
     The result owns its parameters and buffers; ``model`` is never modified.
     The converted network computes a different function from ``model`` (a
     RevNet of the same layout), meant to be trained.
@@ -122,6 +140,8 @@ def convert(
         leftover=leftover,
         split=split,
         exact=exact,
+        memory_budget=1.0 if preserve_function and memory_budget is None else memory_budget,
+        preserve_function=preserve_function,
     )
     attach_report(gm, the_report)
     if compile_kwargs is not None:
@@ -138,8 +158,11 @@ def pipeline(
     leftover: Leftover = "store",
     split: Split = "halve",
     exact: bool = False,
+    memory_budget: MemoryBudget | None = None,
+    preserve_function: bool = False,
 ) -> Analysis:
-    """Every pass, in order; ``rewrite=False`` (``analyze``) stops after planning.
+    """Every pass, in order; ``rewrite=False`` (``analyze``) stops after planning
+    (the memory plan included, when ``memory_budget`` is given).
 
     Options as in ``convert``. ``model`` is not modified: without ``rewrite``,
     ``gm`` shares its parameters and buffers with ``model``; with it, ``gm``
@@ -155,6 +178,11 @@ def pipeline(
     partitions = partition(gm, blocks)
     the_plan = plan(gm, blocks, rejected, partitions, leftover=leftover, split=split)
     rewrites: list[Rewrite] = []
+    if memory_budget is not None:
+        the_plan = budget(
+            gm, the_plan, _planned_inputs(model, inputs), memory_budget,
+            preserve_function=preserve_function, exact=exact,
+        )  # fmt: skip
     if rewrite:
         _require_shapes(model, gm, the_plan, inputs)
         rewrites = emit(gm, the_plan, policy=policy, exact=exact)
@@ -162,13 +190,15 @@ def pipeline(
         restore_state_keys(gm, model, traced)
         _set_new_modules_mode(gm, model)
         _own_shared_state(gm, model)
+        if the_plan.budget is not None and inputs is not None:
+            the_plan.budget.measured_bytes = saved_activation_bytes(gm, *inputs)
     the_report = build_report(
         the_plan,
         rewrites,
         opaque=opaque,
         params_before=count_parameters(model),
         params_after=count_parameters(gm) if rewrite else None,
-        policy=policy if rewrite else None,
+        policy=("memory_budget" if the_plan.budget else policy) if rewrite else None,
         leftover=leftover,
     )
     return Analysis(gm, the_plan, the_report)
@@ -178,6 +208,17 @@ def _as_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...] | None:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     return None if example_inputs is None else tuple(example_inputs)
+
+
+def _planned_inputs(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...] | None
+) -> tuple[torch.Tensor, ...]:
+    if inputs is None:
+        raise ConversionError(
+            f"memory_budget plans at the size of example_inputs; pass example_inputs to "
+            f"convert() for {type(model).__name__}"
+        )
+    return inputs
 
 
 def _propagate_shapes(gm: GraphModule, inputs: tuple[torch.Tensor, ...] | None) -> None:

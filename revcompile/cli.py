@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -30,11 +29,12 @@ from typing import Any, NoReturn
 
 import torch
 
-from revcompile import options
+from revcompile import cli_budget, options
 from revcompile.api import analyze, convert, report
+from revcompile.cli_memory import dynamic_dims, memory_model, one_line
 from revcompile.errors import ConversionError, InputShapeError, RevcompileError, SourceError
 from revcompile.io import atomic_write, load_source, probe_writable, save
-from revcompile.memory import activation_memory_formula, max_batch_size, saved_activation_bytes
+from revcompile.memory import saved_activation_bytes
 
 __all__ = ["main"]
 
@@ -42,15 +42,6 @@ EXIT_OK = 0
 EXIT_CONVERSION = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    **{f"{p}B": 1000 ** (i + 1) for i, p in enumerate("KMGT")},
-    **{p: 1000 ** (i + 1) for i, p in enumerate("KMGT")},
-    **{f"{p}IB": 1024 ** (i + 1) for i, p in enumerate("KMGT")},
-}
-_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
 
 class UsageError(RevcompileError):
@@ -103,17 +94,10 @@ def parse_kwargs(text: str) -> dict[str, Any]:
 
 def parse_budget(text: str) -> int:
     """``"24GB"`` -> 24e9 bytes, ``"24GiB"`` -> 24 * 2**30, a bare number is bytes."""
-    match = _BUDGET.match(text)
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(
-            f"malformed --budget {text!r}: expected a size such as 24GB, 512MiB or 1e9 bytes "
-            "as 1000000000 (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024)"
-        )
-    value = float(match.group(1)) * _UNITS[unit]
-    if value <= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"--budget {text!r} must be positive")
-    return int(value)
+    try:
+        return options.parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"malformed --budget {text!r}: {error}") from None
 
 
 def _human(n: int) -> str:
@@ -210,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--report", metavar="FILE", help="also write the report as JSON (ConversionReport.to_dict)"
     )
+    cli_budget.add_arguments(convert)
 
     inspect = commands.add_parser(
         "inspect",
@@ -225,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="memory budget for saved activations, e.g. 24GB (powers of 1000) or 24GiB",
     )
+    cli_budget.add_arguments(inspect)
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead")
     return parser
 
@@ -307,9 +293,13 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.report:
         outputs["--report"] = args.report
     _check_outputs(args, outputs)
+    _check_memory_budget(args)
     model = _load_model(args)
     x = _example_input(model, args.input_shape)
-    gm = convert(model, x, policy=args.policy, leftover=args.leftover, split=args.split)
+    gm = convert(
+        model, x, policy=args.policy, leftover=args.leftover, split=args.split,
+        **cli_budget.convert_options(args),
+    )  # fmt: skip
     the_report = report(gm)
     print(the_report)
     print()
@@ -335,54 +325,14 @@ def run_convert(args: argparse.Namespace) -> int:
             print(f"wrote report {args.report}")
     except OSError as error:
         raise WriteError(
-            f"writing failed ({_one_line(error)}); the file was left unchanged"
+            f"writing failed ({one_line(error)}); the file was left unchanged"
         ) from error
     return EXIT_OK
 
 
-def _dynamic_dims(shape: tuple[int, ...]) -> dict[str, tuple[int, int]]:
-    """Symbols of the memory formula: B (dim 0), and H, W for NCHW / L for NCL inputs."""
-    if len(shape) == 4:
-        return {"B": (0, 0), "H": (0, 2), "W": (0, 3)}
-    if len(shape) == 3:
-        return {"B": (0, 0), "L": (0, 2)}
-    return {"B": (0, 0)}
-
-
-def _memory_model(model: Any, shape: tuple[int, ...], x: Any, budget: int | None) -> dict[str, Any]:
-    """Formula, bytes at ``shape`` and largest batch within ``budget`` for ``model``."""
-    dynamic = _dynamic_dims(shape)
-    # Sizes 0 and 1 are special-cased by symbolic shapes: trace the formula at >= 2.
-    traced_shape = list(shape)
-    for _, dim in dynamic.values():
-        traced_shape[dim] = max(2, traced_shape[dim])
-    example = x if tuple(traced_shape) == tuple(shape) else torch.randn(traced_shape, dtype=x.dtype)
-    was_training = model.training
-    model.train()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            formula = activation_memory_formula(model, example, dynamic=dynamic)
-    except (ValueError, RuntimeError) as error:
-        return {"formula": None, "error": _one_line(error), "bytes": None, "max_batch": None}
-    finally:
-        model.train(was_training)
-    symbols = {s.name: s for s in formula.free_symbols}
-    at_shape = {name: shape[dim] for name, (_, dim) in dynamic.items()}
-    value = formula.subs({symbols[n]: v for n, v in at_shape.items() if n in symbols})
-    result: dict[str, Any] = {
-        "formula": str(formula),
-        "bytes": int(value),
-        "max_batch": None,
-        "notes": [str(w.message).splitlines()[0] for w in caught],
-    }
-    if budget is not None:
-        fixed = {n: v for n, v in at_shape.items() if n != "B" and n in symbols}
-        try:
-            result["max_batch"] = max_batch_size(formula, budget, **fixed)
-        except ValueError as error:
-            result["error"] = _one_line(error)
-    return result
+def _check_memory_budget(args: argparse.Namespace) -> None:
+    if args.memory_budget is not None and args.input_shape is None:
+        raise UsageError("--memory-budget needs --input-shape (the plan is made at an input shape)")
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -391,20 +341,25 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise UsageError(
             "--budget needs --input-shape (the memory model is computed from an input shape)"
         )
+    _check_memory_budget(args)
     model = _load_model(args)
     x = _example_input(model, args.input_shape)
     memory: dict[str, Any] | None = None
     if x is None:
         the_report = analyze(model)
     else:
-        gm = convert(model, x)
+        gm = convert(model, x, **cli_budget.convert_options(args))
         the_report = report(gm)
+        plan = the_report.budget
         memory = {
             "input_shape": list(args.input_shape),
-            "symbols": sorted(_dynamic_dims(args.input_shape)),
+            "symbols": sorted(dynamic_dims(args.input_shape)),
             "budget_bytes": args.budget,
-            "before": _memory_model(model, args.input_shape, x, args.budget),
-            "after": _memory_model(gm, args.input_shape, x, args.budget),
+            "before": memory_model(model, args.input_shape, x, args.budget),
+            "after": memory_model(gm, args.input_shape, x, args.budget),
+            "plan_max_batch": None
+            if plan is None
+            else cli_budget.largest_batch(model, x, plan.budget_bytes, args.preserve_function),
         }
     if args.json:
         print(json.dumps({"source": args.src, "report": the_report.to_dict(), "memory": memory}))
@@ -434,6 +389,13 @@ def run_inspect(args: argparse.Namespace) -> int:
             f"largest batch within {_human(args.budget)} (input {where}): "
             f"{_batch_text(before['max_batch'])} before, {_batch_text(after['max_batch'])} after"
         )
+    if memory["plan_max_batch"] is not None:
+        where = _shape_text(args.input_shape[1:])
+        print(
+            f"largest batch whose planned saved activations fit in "
+            f"{_human(the_report.budget.budget_bytes)} (input {where}): "
+            f"{_batch_text(memory['plan_max_batch'])}"
+        )
     for note in [*before.get("notes", []), *after.get("notes", [])]:
         print(f"note: {note}")
     return EXIT_OK
@@ -446,11 +408,6 @@ def _batch_text(value: int | None) -> str:
 # --------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return " ".join(lines) or type(error).__name__
 
 
 def _fail(code: int, message: str, debug: bool) -> int:
@@ -471,16 +428,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 warnings.simplefilter("ignore")
             return command(args)
     except (UsageError, SourceError) as error:
-        return _fail(EXIT_USAGE, _one_line(error), debug)
+        return _fail(EXIT_USAGE, one_line(error), debug)
     except WriteError as error:
         return _fail(EXIT_CONVERSION, str(error), debug)
     except InputShapeError as error:
-        message = f"{_one_line(error)}; give an --input-shape the model accepts (batch first)"
+        message = f"{one_line(error)}; give an --input-shape the model accepts (batch first)"
         return _fail(EXIT_CONVERSION, f"cannot convert {args.src}: {message}", debug)
     except ConversionError as error:
-        return _fail(EXIT_CONVERSION, f"cannot convert {args.src}: {_one_line(error)}", debug)
+        return _fail(EXIT_CONVERSION, f"cannot convert {args.src}: {one_line(error)}", debug)
     except RevcompileError as error:
-        return _fail(EXIT_CONVERSION, _one_line(error), debug)
+        return _fail(EXIT_CONVERSION, one_line(error), debug)
     except KeyboardInterrupt:
         return _fail(
             EXIT_INTERRUPTED,
@@ -490,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         return _fail(
             EXIT_CONVERSION,
-            f"{type(error).__name__}: {_one_line(error)} (rerun with --debug for the traceback)",
+            f"{type(error).__name__}: {one_line(error)} (rerun with --debug for the traceback)",
             debug,
         )
 

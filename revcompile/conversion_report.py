@@ -31,6 +31,8 @@ class KeptReason(Enum):
     SHARES_WEIGHTS = "shares_weights"
     GRAD_MODE = "grad_mode"
     KEPT_WHOLE = "kept_whole"
+    BUDGET = "budget"
+    PRESERVED = "preserve_function"
 
     @property
     def words(self) -> str:
@@ -49,6 +51,8 @@ _KEPT_WORDS = {
     KeptReason.SHARES_WEIGHTS: "shares weights with another part of the network",
     KeptReason.GRAD_MODE: "runs with grad disabled, or switches grad mode",
     KeptReason.KEPT_WHOLE: "inside a module traced as one call",
+    KeptReason.BUDGET: "the memory plan stores or checkpoints it instead",
+    KeptReason.PRESERVED: "preserve_function=True keeps the network's function",
 }
 
 
@@ -85,6 +89,59 @@ class StageReport:
 
 
 @dataclass
+class SegmentPlanReport:
+    """One row of the memory plan: a run of the network and how it is trained.
+
+    ``choice`` is ``store`` (plain autograd), ``checkpoint`` (recomputed in
+    backward from its input) or ``reversible`` (a stage of couplings);
+    ``predicted_bytes`` what it adds to the saved activations (a boundary tensor
+    saved by two neighbours counts for the first), ``recompute_flops`` the FLOPs
+    it recomputes in backward.
+    """
+
+    name: str
+    choice: str
+    blocks: list[str]
+    predicted_bytes: int
+    recompute_flops: int
+
+
+@dataclass
+class BudgetReport:
+    """The memory planner's plan: the rows in graph order and the totals.
+
+    ``budget_bytes`` is the limit (a fraction resolved against
+    ``original_bytes``, the unconverted network's saved bytes at the example
+    input); ``predicted_bytes`` the plan's saved bytes, ``measured_bytes``
+    those of the converted module (``revcompile.memory.saved_activation_bytes``,
+    None until measured).
+    """
+
+    budget_bytes: int
+    original_bytes: int
+    predicted_bytes: int
+    recompute_flops: int
+    preserve_function: bool
+    segments: list[SegmentPlanReport] = field(default_factory=list)
+    measured_bytes: int | None = None
+
+    def table(self) -> list[str]:
+        """The plan as text lines: one row per segment, then the totals."""
+        rows = [
+            (s.name, s.choice, f"{s.predicted_bytes:,}", f"{s.recompute_flops:,}")
+            for s in self.segments
+        ]
+        measured = "-" if self.measured_bytes is None else f"{self.measured_bytes:,}"
+        return [
+            *_table(("segment", "choice", "predicted bytes", "recompute FLOPs"), rows),
+            f"saved activations: {self.predicted_bytes:,} bytes predicted, {measured} measured, "
+            f"budget {self.budget_bytes:,} ({self.budget_bytes / max(self.original_bytes, 1):.3f} "
+            f"of the original's {self.original_bytes:,}); "
+            f"{self.recompute_flops:,} FLOPs recomputed",
+        ]
+
+
+@dataclass
 class RejectedReport:
     """An add that is not a residual block, and why."""
 
@@ -114,6 +171,7 @@ class ConversionReport:
     shapes_checked: bool = False
     policy: str | None = None
     leftover: str | None = None
+    budget: BudgetReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (lists, strings, numbers, booleans, None)."""
@@ -127,6 +185,10 @@ class ConversionReport:
         fields["stages"] = [StageReport(**stage) for stage in data.get("stages", [])]
         fields["rejected"] = [RejectedReport(**item) for item in data.get("rejected", [])]
         fields["changes"] = list(data.get("changes", []))
+        plan = data.get("budget")
+        if plan is not None:
+            segments = [SegmentPlanReport(**row) for row in plan.get("segments", [])]
+            fields["budget"] = BudgetReport(**{**plan, "segments": segments})
         return cls(**fields)
 
     @property
@@ -162,6 +224,9 @@ class ConversionReport:
         if self.rejected:
             lines += ["", "adds that are not residual blocks:"]
             lines += [f"  {item.node}: {item.reason}" for item in self.rejected]
+        if self.budget is not None:
+            lines += ["", "memory plan:"]
+            lines += [f"  {line}" for line in self.budget.table()]
         if self.changes:
             lines += ["", "changes:"]
             lines += [f"  {change}" for change in self.changes]

@@ -51,3 +51,17 @@ class PythonRandomnessError(ConversionError):
 
 class OptionError(RevcompileError, ValueError):
     """An option of ``convert`` has a value it cannot take; the message lists the allowed ones."""
+
+
+class BudgetError(ConversionError):
+    """No plan fits ``memory_budget``; ``smallest`` is the fewest saved bytes any plan reaches."""
+
+    def __init__(self, budget: int, smallest: int, preserve_function: bool) -> None:
+        how = "storing and checkpointing" if preserve_function else "any plan"
+        super().__init__(
+            f"memory_budget of {budget:,} bytes cannot be met: the smallest saved activations "
+            f"{how} reaches at this input size are {smallest:,} bytes; give at least that, "
+            "or a smaller input" + (" (or allow reversible couplings)" if preserve_function else "")
+        )
+        self.budget = budget
+        self.smallest = smallest

@@ -7,6 +7,8 @@ The API validates with :func:`check`, the CLI takes its ``choices`` from
 from __future__ import annotations
 
 import inspect
+import math
+import re
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
@@ -72,3 +74,66 @@ def compile_keywords(value: Compile) -> dict[str, Any] | None:
             f"among {', '.join(allowed)} (for fullgraph, torch.compile the eval module yourself)"
         )
     return dict(value)
+
+
+MemoryBudget = float | int | str
+"""The ``memory_budget`` option of ``convert``: a fraction ``0 < B <= 1`` (a float) of
+the original's saved activation bytes, or an absolute size: an int of bytes or a
+string such as ``"8GiB"`` or ``"500MB"`` (see :func:`parse_size`)."""
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    **{f"{p}B": 1000 ** (i + 1) for i, p in enumerate("KMGT")},
+    **{p: 1000 ** (i + 1) for i, p in enumerate("KMGT")},
+    **{f"{p}IB": 1024 ** (i + 1) for i, p in enumerate("KMGT")},
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """``"24GB"`` -> 24e9 bytes, ``"24GiB"`` -> 24 * 2**30, a bare number is bytes.
+
+    Raises ``ValueError`` for a malformed or non-positive size (the message does
+    not repeat ``text``: callers say which option it was).
+    """
+    match = _SIZE.match(text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(
+            "expected a size such as 24GB, 512MiB or 1000000000 "
+            "(KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024)"
+        )
+    value = float(match.group(1)) * _SIZE_UNITS[unit]
+    if value <= 0 or not math.isfinite(value):
+        raise ValueError("the size must be positive")
+    return int(value)
+
+
+def budget_bytes(budget: MemoryBudget, original: int) -> int:
+    """The byte limit ``budget`` stands for, given the original's saved bytes ``original``.
+
+    A float is a fraction (``0 < budget <= 1``) of ``original``, rounded down; an
+    int is bytes; a string is parsed by :func:`parse_size`. Raises ``ValueError``
+    for anything else (a bool, a fraction outside (0, 1], a non-positive size).
+    """
+    if isinstance(budget, bool) or not isinstance(budget, float | int | str):
+        raise ValueError(
+            f"memory_budget must be a fraction such as 0.5, a number of bytes or a size "
+            f"such as '8GiB', not {budget!r}"
+        )
+    if isinstance(budget, str):
+        try:
+            return parse_size(budget)
+        except ValueError as error:
+            raise ValueError(f"memory_budget={budget!r}: {error}") from None
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(
+                f"memory_budget={budget!r}: a fraction must be in (0, 1]; give larger budgets "
+                "as a size such as '8GiB' or an int of bytes"
+            )
+        return math.floor(budget * original)
+    if budget <= 0:
+        raise ValueError(f"memory_budget={budget!r} bytes must be positive")
+    return budget

@@ -62,7 +62,8 @@ def build_report(
     stage, the ``KeptReason`` value as ``code``, its ``detail`` and the table's
     words as ``reason``, then one kept BlockReport per block of ``opaque``
     (``revcompile.passes.opaque``: inside modules traced as one call); one
-    StageReport per Stage; ``changes`` holds one sentence per rewrite. The
+    StageReport per Stage; ``changes`` holds one sentence per rewrite;
+    ``budget`` is the memory planner's table (the plan's own record). The
     report holds names and strings only, no fx nodes.
     """
     return ConversionReport(
@@ -75,6 +76,7 @@ def build_report(
         shapes_checked=plan.shapes_known,
         policy=policy,
         leftover=leftover,
+        budget=plan.budget,
     )
 
 

@@ -199,3 +199,19 @@ def test_compile_quick_run(tmp_path) -> None:
         assert row["train_median_s"] > 0 and row["inference_median_s"] > 0
     assert rows["converted_compiled"]["output_max_abs_diff"] < 1e-4
     assert rows["converted"]["saved_bytes"] < rows["original"]["saved_bytes"]
+
+
+def test_planner_quick_run(tmp_path) -> None:
+    run_script("planner", "--quick", results_dir=tmp_path)
+
+    stem = tmp_path / "planner_quick"
+    for suffix in (".csv", ".json", ".md", ".png"):
+        assert stem.with_suffix(suffix).stat().st_size > 0, suffix
+    rows = results(stem)["rows"]
+    planned = [r for r in rows if r["method"] in ("planner", "planner_preserve")]
+    assert {r["budget"] for r in planned} == {"1.0", "0.25", "min"}
+    for row in planned:  # every budget is met, and exactly as predicted
+        assert row["fits"] and row["saved_bytes"] == row["predicted_bytes"] <= row["budget_bytes"]
+        assert row["step_ratio"] > 0
+    # a method that cannot reach a budget says so instead of measuring another configuration
+    assert any(r["method"] == "checkpoint_per_block" and r["fits"] is False for r in rows)

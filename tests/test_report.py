@@ -91,6 +91,8 @@ PASSES_MAY_IMPORT = (
     "revcompile.errors",
     "revcompile.options",
     "revcompile.conversion_report",
+    # runtime-level too (imports only torch): the memory planner's costs
+    "revcompile.memory",
 )
 
 

@@ -71,6 +71,11 @@ class SavedStorageRecorder:
         sizes += [n for ref, n in self._other.values() if ref() is not None]
         return sizes
 
+    def live_storages(self) -> dict[int, Any]:
+        """nbytes (int or SymInt) of every recorded storage still alive, by storage key;
+        tensors without an accessible storage are not included."""
+        return {key: n for key, (ref, n) in self._storages.items() if not ref.expired()}
+
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
         with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
