@@ -138,6 +138,21 @@ class Step:
         return max((g.abs().max().item() for g in grads if g.numel()), default=0.0)
 
 
+def _copy(value):
+    """A deep copy for the checks. A module whose forward computed a non-leaf tensor
+    attribute (``weight`` of old-style ``weight_norm`` / ``prune``, recomputed before
+    every call) cannot be deep-copied after a forward (pytorch#103001), the original
+    as much as the converted one: such attributes are copied detached."""
+    memo: dict = {}
+    for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(item, nn.Module):
+            for module in item.modules():
+                for tensor in vars(module).values():
+                    if isinstance(tensor, torch.Tensor) and not tensor.is_leaf:
+                        memo.setdefault(id(tensor), tensor.detach().clone())
+    return copy.deepcopy(value, memo)
+
+
 def canonical_name(module: nn.Module) -> Callable[[str], str]:
     """Maps a name of ``module`` to the original's: the ``<segment>.body.`` prefix of a
     CheckpointedSegment (policy="checkpoint") is dropped; stage names are left as they are."""
@@ -252,7 +267,7 @@ def check_output_structure(case: Case) -> list[str]:
     """Output type (dict vs OrderedDict, tuple vs list), keys, shapes and dtypes, both modes."""
     problems = []
     for mode in (True, False):
-        original, converted = copy.deepcopy((case.original, case.converted))
+        original, converted = _copy((case.original, case.converted))
         with torch.no_grad():
             want = _structure(_call(original.train(mode), case.subject, case.subject.args))
             got = _structure(_call(converted.train(mode), case.subject, case.subject.args))
@@ -265,8 +280,8 @@ def check_output_structure(case: Case) -> list[str]:
 
 def check_reference(case: Case) -> list[str]:
     """Reversible training step vs the same module under reference_mode()."""
-    got = training_step(copy.deepcopy(case.converted), case.subject)
-    want = training_step(copy.deepcopy(case.converted), case.subject, reference=True)
+    got = training_step(_copy(case.converted), case.subject)
+    want = training_step(_copy(case.converted), case.subject, reference=True)
     floor = 1e-6 * want.largest_grad()
     problems = []
 
@@ -304,7 +319,7 @@ def _fd_errors(module: nn.Module, subject: Subject, seed: int = 0) -> list[str]:
     a fresh copy so that state advanced by a forward (BN statistics, spectral-norm vectors)
     is the same."""
     generator = torch.Generator().manual_seed(seed + 7)
-    step = training_step(copy.deepcopy(module), subject)
+    step = training_step(_copy(module), subject)
     params = {n: p for n, p in _params(module).items() if p.requires_grad}
     directions = _unit(
         {n: torch.randn(p.shape, dtype=p.dtype, generator=generator) for n, p in params.items()}
@@ -319,7 +334,7 @@ def _fd_errors(module: nn.Module, subject: Subject, seed: int = 0) -> list[str]:
     )
 
     def loss_at(t: float, along_inputs: bool) -> float:
-        shifted = copy.deepcopy(module).train()
+        shifted = _copy(module).train()
         args = subject.args
         if along_inputs:
             args = tuple(a + t * d for a, d in zip(args, input_dirs))
@@ -381,7 +396,7 @@ def check_coupling_inverse(case: Case) -> list[str]:
     steps directly, not through their ``forward``), then each coupling is applied
     and inverted on the streams it sees in the stage.
     """
-    module = copy.deepcopy(case.converted).eval()
+    module = _copy(case.converted).eval()
     seen: list[tuple[str, ReversibleSequence, torch.Tensor]] = []
     hooks = [
         stage.register_forward_pre_hook(lambda m, args, name=name: seen.append((name, m, args[0])))
@@ -471,8 +486,8 @@ def check_sharing(case: Case) -> list[str]:
 def check_gradient_support(case: Case) -> list[str]:
     """The parameters that receive gradients are the original's: by name where names survive,
     by count (with / without gradient) for the parameters of converted blocks."""
-    want = training_step(copy.deepcopy(case.original), case.subject)
-    got = training_step(copy.deepcopy(case.converted), case.subject)
+    want = training_step(_copy(case.original), case.subject)
+    got = training_step(_copy(case.converted), case.subject)
     problems = []
     for name in sorted(set(want.grads) & set(got.grads)):
         if (want.grads[name] is None) != (got.grads[name] is None):
@@ -500,14 +515,14 @@ def check_no_stage_exact(case: Case) -> list[str]:
     if case.report.stages:
         return []
     problems = []
-    original, converted = copy.deepcopy((case.original, case.converted))
+    original, converted = _copy((case.original, case.converted))
     with torch.no_grad():
         want = _flatten(_call(original.eval(), case.subject, case.subject.args))
         got = _flatten(_call(converted.eval(), case.subject, case.subject.args))
     if len(got) != len(want) or not all(torch.equal(g, w) for g, w in zip(got, want)):
         problems.append("eval outputs differ from the original's")
-    want_step = training_step(copy.deepcopy(case.original), case.subject)
-    got_step = training_step(copy.deepcopy(case.converted), case.subject)
+    want_step = training_step(_copy(case.original), case.subject)
+    got_step = training_step(_copy(case.converted), case.subject)
     if not all(torch.equal(g, w) for g, w in zip(got_step.outputs, want_step.outputs)):
         problems.append("train-mode outputs differ from the original's")
     for name, w in want_step.grads.items():
@@ -520,10 +535,10 @@ def check_no_stage_exact(case: Case) -> list[str]:
 
 
 def _deterministic(module: nn.Module, subject: Subject, training: bool) -> bool:
-    module = copy.deepcopy(module).train(training)
+    module = _copy(module).train(training)
     with torch.no_grad():
-        first = _flatten(_call(copy.deepcopy(module), subject, subject.args, seed=0))
-        second = _flatten(_call(copy.deepcopy(module), subject, subject.args, seed=1))
+        first = _flatten(_call(_copy(module), subject, subject.args, seed=0))
+        second = _flatten(_call(_copy(module), subject, subject.args, seed=1))
     return all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -607,7 +622,7 @@ def check_module_state(case: Case) -> list[str]:
     original are all in the converted state_dict, under their own names or, for converted
     blocks, inside their stage."""
     problems = []
-    original, converted = copy.deepcopy((case.original, case.converted))
+    original, converted = _copy((case.original, case.converted))
     with torch.no_grad():
         _call(original.train(), case.subject, case.subject.args)
         _call(converted.train(), case.subject, case.subject.args)
