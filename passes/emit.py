@@ -54,7 +54,12 @@ Partitions = Mapping[ResidualBlock, BranchPartition]
 
 
 def emit(
-    gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint", exact: bool = False
+    gm: GraphModule,
+    plan: Plan,
+    *,
+    policy: Policy = "checkpoint",
+    exact: bool = False,
+    exact_bits: int = 32,
 ) -> list[Rewrite]:
     """Replace every stage of ``plan`` in ``gm`` by a ReversibleSequence, in place.
 
@@ -69,13 +74,15 @@ def emit(
     ``CheckpointedSegment``. ``gm`` still needs ``cleanup`` (dead submodules,
     lint, recompile). Returns the rewrites made, one record each (``describe()``
     gives the report's sentence). ``exact`` makes every stage carry its trunk in
-    fixed point (``ReversibleSequence(exact=True)``).
+    fixed point (``ReversibleSequence(exact=True, exact_bits=exact_bits)``).
     """
     options.check("policy", policy, Policy)
     # Every stage is built from the original graph before any of it is rewritten,
     # with one memo of copies: what the original shared, the copies share.
     copies: Copies = {}
-    built = [_build_stage(gm, stage, plan.partitions, copies, exact) for stage in plan.stages]
+    built = [
+        _build_stage(gm, stage, plan.partitions, copies, exact, exact_bits) for stage in plan.stages
+    ]
     read_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     replaced: dict[Node, Node] = {}
     changes: list[Rewrite] = []
@@ -142,7 +149,12 @@ def _runs(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[list[Node]]
 
 
 def _build_stage(
-    gm: GraphModule, stage: Stage, partitions: Partitions, copies: Copies, exact: bool
+    gm: GraphModule,
+    stage: Stage,
+    partitions: Partitions,
+    copies: Copies,
+    exact: bool,
+    exact_bits: int,
 ) -> ReversibleSequence:
     """The ReversibleSequence of ``stage``: half-width branches along the stage's
     channel axis, or full-width copies for a duplicate stage."""
@@ -155,7 +167,12 @@ def _build_stage(
         _coupling(gm, coupling, halves, partitions, copies) for coupling in stage.couplings
     ]
     return ReversibleSequence(
-        couplings, dim=stage.dim, name=stage.name, split=stage.split, exact=exact
+        couplings,
+        dim=stage.dim,
+        name=stage.name,
+        split=stage.split,
+        exact=exact,
+        exact_bits=exact_bits,
     )
 
 

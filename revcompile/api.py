@@ -71,6 +71,7 @@ def convert(
     leftover: Leftover = "store",
     split: Split = "halve",
     exact: bool = False,
+    exact_bits: int = 32,
 ) -> GraphModule:
     """Return a reversible ``GraphModule`` version of ``model``.
 
@@ -96,10 +97,12 @@ def convert(
     (``"store"``) or becomes a half-coupling ``y1 = x1 + F(x2), y2 = x2``
     (``"half"``).
     ``exact=True`` carries each stage's trunk in fixed point (float64 on a
-    ``2**-32`` grid, branch outputs rounded onto it; DESIGN.md §10), so the
-    reversible backward reconstructs the forward's inputs bit for bit and its
-    gradients equal ``reference_mode()``'s exactly; overflow of the grid's range
-    raises ``OverflowError``.
+    ``2**-exact_bits`` grid, branch outputs rounded onto it; DESIGN.md §10), so
+    the reversible backward reconstructs the forward's inputs bit for bit and
+    its gradients equal ``reference_mode()``'s exactly. ``exact_bits`` (1 to 52,
+    default 32) trades resolution for range: a trunk value outside
+    ``+-2**(53 - exact_bits)`` raises ``ExactRangeError`` (an ``OverflowError``)
+    naming an ``exact_bits`` that holds it.
 
     The result owns its parameters and buffers; ``model`` is never modified.
     The converted network computes a different function from ``model`` (a
@@ -113,6 +116,7 @@ def convert(
         leftover=leftover,
         split=split,
         exact=exact,
+        exact_bits=exact_bits,
     )
     attach_report(gm, the_report)
     return gm
@@ -127,6 +131,7 @@ def pipeline(
     leftover: Leftover = "store",
     split: Split = "halve",
     exact: bool = False,
+    exact_bits: int = 32,
 ) -> Analysis:
     """Every pass, in order; ``rewrite=False`` (``analyze``) stops after planning.
 
@@ -134,6 +139,11 @@ def pipeline(
     ``gm`` shares its parameters and buffers with ``model``; with it, ``gm``
     owns them.
     """
+    if isinstance(exact_bits, bool) or not isinstance(exact_bits, int) or not 0 < exact_bits < 53:
+        raise ConversionError(
+            f"exact_bits must be an integer from 1 to 52 (the float64 trunk's fraction bits), "
+            f"not {exact_bits!r}"
+        )
     inputs = _as_tuple(example_inputs)
     gm = trace(model, n_inputs=None if inputs is None else len(inputs))
     traced = traced_tensors(gm)
@@ -146,7 +156,7 @@ def pipeline(
     rewrites: list[Rewrite] = []
     if rewrite:
         _require_shapes(model, gm, the_plan, inputs)
-        rewrites = emit(gm, the_plan, policy=policy, exact=exact)
+        rewrites = emit(gm, the_plan, policy=policy, exact=exact, exact_bits=exact_bits)
         cleanup(gm)
         restore_state_keys(gm, model, traced)
         _set_new_modules_mode(gm, model)

@@ -14,6 +14,7 @@ outputs rounded onto a fixed-point grid.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -21,6 +22,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
+
+from revcompile.errors import ExactRangeError
 
 __all__ = [
     "AdditiveCoupling",
@@ -100,13 +103,35 @@ class Grid:
         # trunk update. A NaN makes both extremes NaN, so the comparison fails too.
         low, high = torch.aminmax(x)
         if not bool((low > -self.limit) & (high < self.limit)):
-            raise OverflowError(
-                f"{where}: exact mode: a trunk value reached {x.abs().max().item():.3g}, outside "
-                f"the range +-2**{53 - self.bits} in which float64 sums on the 2**-{self.bits} "
-                f"grid are exact (or it is not finite); use fewer exact bits or keep the stage's "
-                "activations smaller (normalise its input)"
-            )
+            raise self._range_error(x.abs().max().item(), where)
         return x
+
+    def _range_error(self, largest: float, where: str) -> ExactRangeError:
+        """The error for a trunk value of magnitude ``largest`` outside ``limit``."""
+        range_ = f"+-2**{53 - self.bits} (exact_bits={self.bits})"
+        if not math.isfinite(largest):
+            return ExactRangeError(
+                f"{where}: exact mode: a trunk value is not finite (outside {range_}); no grid "
+                "holds it: find the NaN/inf in the stage's input or branches (lower the "
+                "learning rate, normalise the input)",
+                None,
+            )
+        # largest < 2**exponent; one bit more of headroom than that needs, as rounding
+        # onto a coarser grid may round a value up to the next power of two.
+        exponent = math.frexp(largest)[1]
+        bits = 52 - exponent
+        fix = (
+            f"convert it with convert(..., exact=True, exact_bits={bits}) (or "
+            f"ReversibleSequence(..., exact_bits={bits})), whose range +-2**{53 - bits} holds "
+            "it, or normalise the stage's input"
+            if bits >= 1
+            else "no grid holds it: normalise the stage's input"
+        )
+        return ExactRangeError(
+            f"{where}: exact mode: a trunk value reached {largest:.3g}, outside the range "
+            f"{range_} in which float64 sums on the 2**-{self.bits} grid are exact; {fix}",
+            bits if bits >= 1 else None,
+        )
 
 
 class _OnGrid(torch.autograd.Function):
