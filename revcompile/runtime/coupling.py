@@ -134,22 +134,55 @@ class Grid:
         )
 
 
+def _grid_integers(x: Tensor, bits: int) -> Tensor:
+    """``round(x * 2**bits)``, computed exactly in ``x``'s dtype (float16: in float32).
+
+    Scaling by a power of two and rounding to an integer are exact in the
+    branch's dtype (float16 excepted: ``2**bits`` overflows it), so this equals
+    rounding in float64 at half the memory traffic.
+    """
+    wide = x.float() if x.dtype == torch.float16 else x
+    return (wide * 2.0**bits).round_()
+
+
 class _OnGrid(torch.autograd.Function):
     """Round to multiples of ``2**-bits`` in float64 (exact: scaling by a power of two)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, bits: int) -> Tensor:
         ctx.dtype = x.dtype
-        # Scaling by a power of two, rounding to an integer and scaling back (multiples
-        # of 2**-bits >= 2**-52 are normal numbers) are exact in the branch's dtype
-        # (float16 excepted: 2**bits overflows it), so rounding there and widening last
-        # equals rounding in float64, with three of the four passes at the narrow width.
-        wide = x.float() if x.dtype == torch.float16 else x
-        return (wide * 2.0**bits).round_().mul_(2.0**-bits).double()
+        # Multiples of 2**-bits >= 2**-52 are normal numbers: scaling back is exact
+        # too, and widening last keeps three of the four passes at the narrow width.
+        return _grid_integers(x, bits).mul_(2.0**-bits).double()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad.to(ctx.dtype), None
+
+
+class _AddOnGrid(torch.autograd.Function):
+    """``target + sign * quantise(x)`` in one float64 add: ``add(target, n, alpha)``.
+
+    ``n = round(x * 2**bits)`` is an integer in the branch dtype and
+    ``alpha = sign * 2**-bits`` a power of two, so ``alpha * n`` is exact and the
+    one rounding of the sum gives ``target + sign * quantise(x)`` bit for bit,
+    without materialising the float64 rounded branch output. The gradient
+    passes straight through the rounding, as ``quantise``'s does.
+    """
+
+    @staticmethod
+    def forward(ctx, target: Tensor, x: Tensor, bits: int, sign: int) -> Tensor:
+        ctx.dtype, ctx.sign = x.dtype, sign
+        # Widened first (a mixed-dtype add takes a slow, unvectorised path), then scaled,
+        # rounded and summed in place: one fresh tensor per update, as fresh large
+        # allocations cost page faults on CPU. Rounding in float64 is exact too.
+        n = x.to(torch.float64, copy=True).mul_(2.0**bits).round_()
+        return torch.add(target, n, alpha=sign * 2.0**-bits, out=n)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        branch = grad.to(ctx.dtype)
+        return grad, (branch if ctx.sign > 0 else -branch), None, None
 
 
 def forward_step(
@@ -196,7 +229,7 @@ def _update(
         )
     if grid is None:
         return streams[target] + out if sign > 0 else streams[target] - out
-    out = grid.quantise(out)
+    updated = _AddOnGrid.apply(streams[target], out, grid.bits, sign)
     if sign < 0:  # reconstruction: exact by construction, nothing to check
-        return streams[target] - out
-    return grid.check(streams[target] + out, coupling.where)
+        return updated
+    return grid.check(updated, coupling.where)

@@ -139,8 +139,15 @@ class _Backprop:
             if g is not None:
                 self.param_grads[i] = g if i not in self.param_grads else self.param_grads[i] + g
         if grads[0] is not None:
-            self.grads[in_stream] = self.grads[in_stream] + grads[0]
+            self.grads[in_stream] = _accumulate(self.grads[in_stream], grads[0])
         return out.detach()
+
+
+def _accumulate(total: Tensor, grad: Tensor) -> Tensor:
+    """``total + grad``; an exact stage's float32 ``grad`` is widened into a fresh
+    float64 tensor first and summed there (the same sum: addition commutes), not
+    by a slow mixed-dtype add into a second fresh tensor."""
+    return total + grad if grad.dtype == total.dtype else grad.to(total.dtype).add_(total)
 
 
 def _saved_tensors(ctx, stage: ReversibleSequence) -> tuple[Tensor, ...]:
