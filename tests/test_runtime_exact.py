@@ -223,3 +223,19 @@ def test_non_finite_trunk_value_suggests_no_bits() -> None:
 def test_convert_rejects_invalid_exact_bits(bad: object) -> None:
     with pytest.raises(ConversionError, match="exact_bits must be an integer from 1 to 52"):
         revcompile.convert(models.cifar_resnet(14), torch.randn(2, 3, 8, 8), exact_bits=bad)
+
+
+def test_exact_network_saves_one_residual_per_stage_beyond_float_mode() -> None:
+    """The next segment saves an exact halve stage's float32 output as its input, as in
+    float mode; the stage adds only a float32 residual of the output's size (not its
+    float64 streams next to it), and its backward stays bitwise."""
+    torch.manual_seed(0)
+    model = models.cifar_resnet(20).train()  # one stage of one coupling per resolution
+    x = torch.randn(2, 3, 16, 16)
+    saved = {}
+    for exact in (False, True):
+        gm = revcompile.convert(model, x, exact=exact)
+        saved[exact] = saved_activation_bytes(gm, x)
+    assert len([m for m in gm.modules() if isinstance(m, ReversibleSequence)]) == 3
+    outputs = sum(2 * c * (16 // s) ** 2 * 4 for c, s in ((16, 1), (32, 2), (64, 4)))
+    assert saved[True] == saved[False] + outputs
