@@ -114,7 +114,7 @@ class Grid:
         this residual instead of the streams costs ``2 * y`` bytes, not ``3 * y``
         next to the next segment's saved input. The residual is a multiple of
         ``2**-bits`` below half an ulp of ``y``: it fits a float32 while ``|y|`` is
-        below about ``2**(bits - 16)``; otherwise (or for a float64 stage, whose
+        below ``2**(49 - bits)``; otherwise (or for a float64 stage, whose
         ``y`` is the streams) None, and the stage saves the streams.
         """
         if y.dtype == torch.float64 or is_fake(y):
