@@ -57,7 +57,12 @@ Partitions = Mapping[ResidualBlock, BranchPartition]
 
 
 def emit(
-    gm: GraphModule, plan: Plan, *, policy: Policy = "checkpoint", exact: bool = False
+    gm: GraphModule,
+    plan: Plan,
+    *,
+    policy: Policy = "checkpoint",
+    exact: bool = False,
+    exact_bits: int = 32,
 ) -> list[Rewrite]:
     """Replace every stage of ``plan`` in ``gm`` by a ReversibleSequence, in place.
 
@@ -72,14 +77,16 @@ def emit(
     ``CheckpointedSegment``; with ``plan.budget``, exactly the tagged runs do.
     ``gm`` still needs ``cleanup`` (dead submodules, lint, recompile). Returns
     the rewrites made, one record each (``describe()`` gives the report's
-    sentence). ``exact`` makes every stage carry its trunk in
-    fixed point (``ReversibleSequence(exact=True)``).
+    sentence). ``exact`` makes every stage carry its trunk in fixed point
+    (``ReversibleSequence(exact=True, exact_bits=exact_bits)``).
     """
     options.check("policy", policy, Policy)
     # Every stage is built from the original graph before any of it is rewritten,
     # with one memo of copies: what the original shared, the copies share.
     copies: Copies = {}
-    built = [build_stage(gm, stage, plan.partitions, copies, exact) for stage in plan.stages]
+    built = [
+        build_stage(gm, stage, plan.partitions, copies, exact, exact_bits) for stage in plan.stages
+    ]
     read_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     replaced: dict[Node, Node] = {}
     changes: list[Rewrite] = []
@@ -166,7 +173,12 @@ def _runs(gm: GraphModule, is_stage: Callable[[Node], bool]) -> list[list[Node]]
 
 
 def build_stage(
-    gm: GraphModule, stage: Stage, partitions: Partitions, copies: Copies, exact: bool
+    gm: GraphModule,
+    stage: Stage,
+    partitions: Partitions,
+    copies: Copies,
+    exact: bool,
+    exact_bits: int = 32,
 ) -> ReversibleSequence:
     """The ReversibleSequence of ``stage``: half-width branches along the stage's
     channel axis, or full-width copies for a duplicate stage."""
@@ -179,7 +191,12 @@ def build_stage(
         _coupling(gm, coupling, halves, partitions, copies) for coupling in stage.couplings
     ]
     return ReversibleSequence(
-        couplings, dim=stage.dim, name=stage.name, split=stage.split, exact=exact
+        couplings,
+        dim=stage.dim,
+        name=stage.name,
+        split=stage.split,
+        exact=exact,
+        exact_bits=exact_bits,
     )
 
 

@@ -75,6 +75,7 @@ def convert(
     leftover: Leftover = "store",
     split: Split = "halve",
     exact: bool = False,
+    exact_bits: int = 32,
     compile: Compile = False,
     memory_budget: MemoryBudget | None = None,
     preserve_function: bool = False,
@@ -103,10 +104,12 @@ def convert(
     (``"store"``) or becomes a half-coupling ``y1 = x1 + F(x2), y2 = x2``
     (``"half"``).
     ``exact=True`` carries each stage's trunk in fixed point (float64 on a
-    ``2**-32`` grid, branch outputs rounded onto it; DESIGN.md §10), so the
-    reversible backward reconstructs the forward's inputs bit for bit and its
-    gradients equal ``reference_mode()``'s exactly; overflow of the grid's range
-    raises ``OverflowError``.
+    ``2**-exact_bits`` grid, branch outputs rounded onto it; DESIGN.md §10), so
+    the reversible backward reconstructs the forward's inputs bit for bit and
+    its gradients equal ``reference_mode()``'s exactly. ``exact_bits`` (1 to 52,
+    default 32) trades resolution for range: a trunk value outside
+    ``+-2**(53 - exact_bits)`` raises ``ExactRangeError`` (an ``OverflowError``)
+    naming an ``exact_bits`` that holds it.
     ``compile``: True, or a dict of ``torch.compile`` keywords (``backend``,
     ``mode``, ``options``, ...), compiles the result's parts with
     ``revcompile.runtime.compile_parts``: each F and G (in the forward and the
@@ -140,6 +143,7 @@ def convert(
         leftover=leftover,
         split=split,
         exact=exact,
+        exact_bits=exact_bits,
         memory_budget=1.0 if preserve_function and memory_budget is None else memory_budget,
         preserve_function=preserve_function,
     )
@@ -158,6 +162,7 @@ def pipeline(
     leftover: Leftover = "store",
     split: Split = "halve",
     exact: bool = False,
+    exact_bits: int = 32,
     memory_budget: MemoryBudget | None = None,
     preserve_function: bool = False,
 ) -> Analysis:
@@ -168,6 +173,11 @@ def pipeline(
     ``gm`` shares its parameters and buffers with ``model``; with it, ``gm``
     owns them.
     """
+    if isinstance(exact_bits, bool) or not isinstance(exact_bits, int) or not 0 < exact_bits < 53:
+        raise ConversionError(
+            f"exact_bits must be an integer from 1 to 52 (the float64 trunk's fraction bits), "
+            f"not {exact_bits!r}"
+        )
     inputs = _as_tuple(example_inputs)
     gm = trace(model, n_inputs=None if inputs is None else len(inputs))
     traced = traced_tensors(gm)
@@ -185,7 +195,7 @@ def pipeline(
         )  # fmt: skip
     if rewrite:
         _require_shapes(model, gm, the_plan, inputs)
-        rewrites = emit(gm, the_plan, policy=policy, exact=exact)
+        rewrites = emit(gm, the_plan, policy=policy, exact=exact, exact_bits=exact_bits)
         cleanup(gm)
         restore_state_keys(gm, model, traced)
         _set_new_modules_mode(gm, model)

@@ -65,3 +65,15 @@ class BudgetError(ConversionError):
         )
         self.budget = budget
         self.smallest = smallest
+
+
+class ExactRangeError(RevcompileError, OverflowError):
+    """An exact-mode trunk value left the range in which its fixed-point sums are exact.
+
+    ``suggested_bits`` is the largest ``exact_bits`` whose range holds the value
+    seen (None when no grid does: the value is not finite or too large).
+    """
+
+    def __init__(self, message: str, suggested_bits: int | None) -> None:
+        super().__init__(message)
+        self.suggested_bits = suggested_bits

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import models
 import pytest
 import torch
 from equivalence import training_step
@@ -17,7 +18,9 @@ from hypothesis import given, settings
 from test_runtime import StackSpec, make_input, make_layer, stack_specs
 from torch import nn
 
+import revcompile
 from revcompile import AdditiveCoupling, ReversibleSequence
+from revcompile.errors import ConversionError, ExactRangeError, RevcompileError
 from revcompile.memory import saved_activation_bytes
 from revcompile.runtime import check_inverse
 from revcompile.runtime.coupling import Grid
@@ -182,3 +185,57 @@ def test_range_check_rejects_non_finite_and_accepts_empty() -> None:
         with pytest.raises(OverflowError, match="s: exact mode"):
             grid.check(x, "s")
     grid.check(torch.full((8,), 2.0**21 - 1, dtype=torch.float64), "s")
+
+
+def test_overflow_error_names_exact_bits_that_hold_the_value_and_they_do() -> None:
+    """The range error is a RevcompileError (and still an OverflowError) whose message
+    gives, in convert()'s terms, an ``exact_bits`` whose range holds the value seen;
+    converting with it then trains, bitwise equal to reference_mode()."""
+    torch.manual_seed(0)
+    model = models.cifar_resnet(14).train()
+    with torch.no_grad():
+        model.bn1.weight.fill_(1e7)  # stem output ~1e7, beyond the default range 2**21
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ExactRangeError) as info:
+        revcompile.convert(model, x, exact=True)(x)
+    error = info.value
+    assert isinstance(error, OverflowError) and isinstance(error, RevcompileError)
+    bits = error.suggested_bits
+    assert bits is not None and 1 <= bits < 32
+    assert f"convert(..., exact=True, exact_bits={bits})" in str(error)
+    assert "use fewer exact bits" not in str(error)
+    gm = revcompile.convert(model, x, exact=True, exact_bits=bits)
+    assert {m.exact_bits for m in gm.modules() if isinstance(m, ReversibleSequence)} == {bits}
+    got = training_step(gm, x, reference=False)
+    want = training_step(copy.deepcopy(gm), x, reference=True)
+    assert torch.equal(got.input_grad, want.input_grad)
+    for g, w in zip(got.param_grads, want.param_grads, strict=True):
+        assert (g is None and w is None) or torch.equal(g, w)
+
+
+def test_non_finite_trunk_value_suggests_no_bits() -> None:
+    with pytest.raises(ExactRangeError, match="not finite") as info:
+        Grid(32, torch.float32).check(torch.tensor([1.0, float("nan")], dtype=torch.float64), "s")
+    assert info.value.suggested_bits is None
+
+
+@pytest.mark.parametrize("bad", [0, 53, 2.5, True, "32"])
+def test_convert_rejects_invalid_exact_bits(bad: object) -> None:
+    with pytest.raises(ConversionError, match="exact_bits must be an integer from 1 to 52"):
+        revcompile.convert(models.cifar_resnet(14), torch.randn(2, 3, 8, 8), exact_bits=bad)
+
+
+def test_exact_network_saves_one_residual_per_stage_beyond_float_mode() -> None:
+    """The next segment saves an exact halve stage's float32 output as its input, as in
+    float mode; the stage adds only a float32 residual of the output's size (not its
+    float64 streams next to it), and its backward stays bitwise."""
+    torch.manual_seed(0)
+    model = models.cifar_resnet(20).train()  # one stage of one coupling per resolution
+    x = torch.randn(2, 3, 16, 16)
+    saved = {}
+    for exact in (False, True):
+        gm = revcompile.convert(model, x, exact=exact)
+        saved[exact] = saved_activation_bytes(gm, x)
+    assert len([m for m in gm.modules() if isinstance(m, ReversibleSequence)]) == 3
+    outputs = sum(2 * c * (16 // s) ** 2 * 4 for c, s in ((16, 1), (32, 2), (64, 4)))
+    assert saved[True] == saved[False] + outputs

@@ -14,6 +14,7 @@ outputs rounded onto a fixed-point grid.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -21,6 +22,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
+
+from revcompile.errors import ExactRangeError
 
 __all__ = [
     "AdditiveCoupling",
@@ -100,13 +103,68 @@ class Grid:
         # trunk update. A NaN makes both extremes NaN, so the comparison fails too.
         low, high = torch.aminmax(x)
         if not bool((low > -self.limit) & (high < self.limit)):
-            raise OverflowError(
-                f"{where}: exact mode: a trunk value reached {x.abs().max().item():.3g}, outside "
-                f"the range +-2**{53 - self.bits} in which float64 sums on the 2**-{self.bits} "
-                f"grid are exact (or it is not finite); use fewer exact bits or keep the stage's "
-                "activations smaller (normalise its input)"
-            )
+            raise self._range_error(x.abs().max().item(), where)
         return x
+
+    def residual(self, y: Tensor, streams: list[Tensor], dim: int) -> Tensor | None:
+        """``r`` in ``y``'s dtype with ``y + r`` equal to ``cat(streams, dim)`` exactly, or None.
+
+        A halve stage's output ``y`` is its float64 streams rounded to the input
+        dtype; saving ``y`` (which the next segment saves anyway: one storage) and
+        this residual instead of the streams costs ``2 * y`` bytes, not ``3 * y``
+        next to the next segment's saved input. The residual is a multiple of
+        ``2**-bits`` below half an ulp of ``y``: it fits a float32 while ``|y|`` is
+        below ``2**(49 - bits)``; otherwise (or for a float64 stage, whose
+        ``y`` is the streams) None, and the stage saves the streams.
+        """
+        if y.dtype == torch.float64 or is_fake(y):
+            return None
+        gap = torch.cat(streams, dim=dim).sub_(y.double())  # exact: y is cat's rounding
+        residual = gap.to(y.dtype)
+        return residual if torch.equal(residual.double(), gap) else None
+
+    @staticmethod
+    def restore(y: Tensor, residual: Tensor, dim: int) -> list[Tensor]:
+        """The float64 streams that ``residual`` saved next to ``y`` (``residual``'s inverse)."""
+        return list(y.double().add_(residual).chunk(2, dim=dim))
+
+    def _range_error(self, largest: float, where: str) -> ExactRangeError:
+        """The error for a trunk value of magnitude ``largest`` outside ``limit``."""
+        range_ = f"+-2**{53 - self.bits} (exact_bits={self.bits})"
+        if not math.isfinite(largest):
+            return ExactRangeError(
+                f"{where}: exact mode: a trunk value is not finite (outside {range_}); no grid "
+                "holds it: find the NaN/inf in the stage's input or branches (lower the "
+                "learning rate, normalise the input)",
+                None,
+            )
+        # largest < 2**exponent; one bit more of headroom than that needs, as rounding
+        # onto a coarser grid may round a value up to the next power of two.
+        exponent = math.frexp(largest)[1]
+        bits = 52 - exponent
+        fix = (
+            f"convert it with convert(..., exact=True, exact_bits={bits}) (or "
+            f"ReversibleSequence(..., exact_bits={bits})), whose range +-2**{53 - bits} holds "
+            "it, or normalise the stage's input"
+            if bits >= 1
+            else "no grid holds it: normalise the stage's input"
+        )
+        return ExactRangeError(
+            f"{where}: exact mode: a trunk value reached {largest:.3g}, outside the range "
+            f"{range_} in which float64 sums on the 2**-{self.bits} grid are exact; {fix}",
+            bits if bits >= 1 else None,
+        )
+
+
+def _grid_integers(x: Tensor, bits: int) -> Tensor:
+    """``round(x * 2**bits)``, computed exactly in ``x``'s dtype (float16: in float32).
+
+    Scaling by a power of two and rounding to an integer are exact in the
+    branch's dtype (float16 excepted: ``2**bits`` overflows it), so this equals
+    rounding in float64 at half the memory traffic.
+    """
+    wide = x.float() if x.dtype == torch.float16 else x
+    return (wide * 2.0**bits).round_()
 
 
 class _OnGrid(torch.autograd.Function):
@@ -115,16 +173,38 @@ class _OnGrid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, bits: int) -> Tensor:
         ctx.dtype = x.dtype
-        # Scaling by a power of two, rounding to an integer and scaling back (multiples
-        # of 2**-bits >= 2**-52 are normal numbers) are exact in the branch's dtype
-        # (float16 excepted: 2**bits overflows it), so rounding there and widening last
-        # equals rounding in float64, with three of the four passes at the narrow width.
-        wide = x.float() if x.dtype == torch.float16 else x
-        return (wide * 2.0**bits).round_().mul_(2.0**-bits).double()
+        # Multiples of 2**-bits >= 2**-52 are normal numbers: scaling back is exact
+        # too, and widening last keeps three of the four passes at the narrow width.
+        return _grid_integers(x, bits).mul_(2.0**-bits).double()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad.to(ctx.dtype), None
+
+
+class _AddOnGrid(torch.autograd.Function):
+    """``target + sign * quantise(x)`` in one float64 add: ``add(target, n, alpha)``.
+
+    ``n = round(x * 2**bits)`` is an integer in the branch dtype and
+    ``alpha = sign * 2**-bits`` a power of two, so ``alpha * n`` is exact and the
+    one rounding of the sum gives ``target + sign * quantise(x)`` bit for bit,
+    without materialising the float64 rounded branch output. The gradient
+    passes straight through the rounding, as ``quantise``'s does.
+    """
+
+    @staticmethod
+    def forward(ctx, target: Tensor, x: Tensor, bits: int, sign: int) -> Tensor:
+        ctx.dtype, ctx.sign = x.dtype, sign
+        # Widened first (a mixed-dtype add takes a slow, unvectorised path), then scaled,
+        # rounded and summed in place: one fresh tensor per update, as fresh large
+        # allocations cost page faults on CPU. Rounding in float64 is exact too.
+        n = x.to(torch.float64, copy=True).mul_(2.0**bits).round_()
+        return torch.add(target, n, alpha=sign * 2.0**-bits, out=n)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        branch = grad.to(ctx.dtype)
+        return grad, (branch if ctx.sign > 0 else -branch), None, None
 
 
 def forward_step(
@@ -171,7 +251,7 @@ def _update(
         )
     if grid is None:
         return streams[target] + out if sign > 0 else streams[target] - out
-    out = grid.quantise(out)
+    updated = _AddOnGrid.apply(streams[target], out, grid.bits, sign)
     if sign < 0:  # reconstruction: exact by construction, nothing to check
-        return streams[target] - out
-    return grid.check(streams[target] + out, coupling.where)
+        return updated
+    return grid.check(updated, coupling.where)

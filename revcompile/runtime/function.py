@@ -44,8 +44,16 @@ class _ReversibleFunction(torch.autograd.Function):
                 forward_step(coupling, streams, recorder.call, grid)
             y = stage._merge(streams, x.dtype)
         # ``duplicate`` merges into (y1 + y2) / 2, which loses the streams; an
-        # exact stage's output is rounded to the input dtype, which loses bits.
-        kept = (y,) if stage.split == "halve" and grid is None else tuple(streams)
+        # exact stage's output is rounded to the input dtype, which loses bits
+        # that a residual next to it keeps where it fits.
+        residual = (
+            None if stage.split != "halve" or grid is None else grid.residual(y, streams, stage.dim)
+        )
+        if residual is not None:
+            kept = (y, residual)
+        else:
+            kept = (y,) if stage.split == "halve" and grid is None else tuple(streams)
+        ctx.residual = residual is not None
         ctx.stage = stage
         ctx.grid = grid
         ctx.input_dtype = x.dtype
@@ -80,7 +88,12 @@ class _ReversibleFunction(torch.autograd.Function):
         with torch.no_grad():
             # The backward of _merge and of _streams, op for op as autograd runs
             # them in reference mode (exact mode's gradients are bitwise equal).
-            streams = list(kept[0].chunk(2, dim=stage.dim)) if len(kept) == 1 else list(kept)
+            if ctx.residual:
+                streams = ctx.grid.restore(kept[0], kept[1], stage.dim)
+            elif len(kept) == 1:
+                streams = list(kept[0].chunk(2, dim=stage.dim))
+            else:
+                streams = list(kept)
             dy = dy.to(streams[0].dtype)
             if stage.split == "halve":
                 dy1, dy2 = dy.chunk(2, dim=stage.dim)
@@ -139,8 +152,15 @@ class _Backprop:
             if g is not None:
                 self.param_grads[i] = g if i not in self.param_grads else self.param_grads[i] + g
         if grads[0] is not None:
-            self.grads[in_stream] = self.grads[in_stream] + grads[0]
+            self.grads[in_stream] = _accumulate(self.grads[in_stream], grads[0])
         return out.detach()
+
+
+def _accumulate(total: Tensor, grad: Tensor) -> Tensor:
+    """``total + grad``; an exact stage's float32 ``grad`` is widened into a fresh
+    float64 tensor first and summed there (the same sum: addition commutes), not
+    by a slow mixed-dtype add into a second fresh tensor."""
+    return total + grad if grad.dtype == total.dtype else grad.to(total.dtype).add_(total)
 
 
 def _saved_tensors(ctx, stage: ReversibleSequence) -> tuple[Tensor, ...]:
