@@ -6,9 +6,23 @@ message text; messages are one line saying what is wrong and what to do.
 
 from __future__ import annotations
 
+# The base class and the runtime's own error live with the runtime, which imports
+# only torch; everything else is defined here, below them.
+from revcompile.runtime.errors import ExactRangeError, RevcompileError
 
-class RevcompileError(Exception):
-    """Base class of every error revcompile raises on purpose."""
+__all__ = [
+    "BudgetError",
+    "ConversionError",
+    "ExactRangeError",
+    "InputShapeError",
+    "MeasurementTimeout",
+    "OptionError",
+    "PartitionError",
+    "PythonRandomnessError",
+    "RevcompileError",
+    "RevcompileFileError",
+    "SourceError",
+]
 
 
 class ConversionError(RevcompileError, RuntimeError):
@@ -65,15 +79,3 @@ class BudgetError(ConversionError):
         )
         self.budget = budget
         self.smallest = smallest
-
-
-class ExactRangeError(RevcompileError, OverflowError):
-    """An exact-mode trunk value left the range in which its fixed-point sums are exact.
-
-    ``suggested_bits`` is the largest ``exact_bits`` whose range holds the value
-    seen (None when no grid does: the value is not finite or too large).
-    """
-
-    def __init__(self, message: str, suggested_bits: int | None) -> None:
-        super().__init__(message)
-        self.suggested_bits = suggested_bits

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
-from revcompile.errors import ExactRangeError
+from revcompile.runtime.errors import ExactRangeError
 
 __all__ = [
     "AdditiveCoupling",
