@@ -8,8 +8,9 @@ hook); :func:`max_batch_size` answers "what is the largest batch that fits".
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import sympy
@@ -64,6 +65,20 @@ class _RealWorldMode(TorchDispatchMode):
                     ):
                         torch.rand((), device=device)
         return out
+
+
+@contextlib.contextmanager
+def recording_saved(recorder: SavedStorageRecorder) -> Iterator[None]:
+    """Run a forward on fake tensors with ``recorder`` noting what autograd saves:
+    grad enabled, the RNG state restored afterwards, ``_RealWorldMode`` on."""
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with (
+        torch.random.fork_rng(devices=cuda_devices),
+        _RealWorldMode(),
+        torch.enable_grad(),
+        recorder.hooks(),
+    ):
+        yield
 
 
 def _torch_sympy_to_plain(expr: sympy.Expr) -> sympy.Expr:
@@ -173,13 +188,7 @@ def activation_memory_formula(
             name: fake_mode.from_tensor(b, static_shapes=True) for name, b in model.named_buffers()
         }
         recorder = SavedStorageRecorder(storage_keys([*params.values(), *buffers.values()]))
-        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        with (
-            torch.random.fork_rng(devices=cuda_devices),
-            _RealWorldMode(),
-            torch.enable_grad(),
-            recorder.hooks(),
-        ):
+        with recording_saved(recorder):
             output = torch.func.functional_call(model, {**params, **buffers}, tuple(fake_inputs))
         sizes = recorder.live_nbytes()
         del output

@@ -24,7 +24,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from revcompile.memory.formula import _RealWorldMode
+from revcompile.memory.formula import recording_saved
 from revcompile.memory.saved import SavedStorageRecorder, storage_keys
 
 
@@ -115,7 +115,7 @@ def _fake_forward(module: nn.Module, recorder_type: type = SavedStorageRecorder)
     ``call(*args)`` runs ``module`` with fake copies of its parameters and
     buffers swapped in (``torch.func.functional_call``: the module keeps its
     own), grad enabled, the RNG forked and real-tensor logic kept real
-    (``formula._RealWorldMode``), as :func:`..formula.activation_memory_formula`
+    (``formula.recording_saved``), as :func:`..formula.activation_memory_formula`
     runs a forward.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -127,13 +127,7 @@ def _fake_forward(module: nn.Module, recorder_type: type = SavedStorageRecorder)
             for name, t in [*module.named_parameters(), *module.named_buffers()]
         }
         recorder = recorder_type(storage_keys(state.values()))
-        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        with (
-            torch.random.fork_rng(devices=cuda),
-            _RealWorldMode(),
-            torch.enable_grad(),
-            recorder.hooks(),
-        ):
+        with recording_saved(recorder):
             yield (
                 lambda *args: torch.func.functional_call(module, state, args),
                 recorder,
