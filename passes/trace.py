@@ -24,8 +24,10 @@ through):
 What else fx would silently change is preserved or refused (see
 ``passes.trace_guards``): grad-mode regions, the user's checkpoint calls,
 output containers (``OrderedDict``, dataclasses), buffers (read by
-``get_attr``, so in-place updates stay in the graph), Python randomness and
-attribute writes in ``forward`` (refused).
+``get_attr``, so in-place updates stay in the graph), augmented assignments
+(``h += s`` is recorded as ``operator.iadd``, which writes ``h`` as eager
+PyTorch does, not as ``h = h + s``), Python randomness and attribute writes in
+``forward`` (refused).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from revcompile.passes.trace_guards import (
     watching,
 )
 from torch import nn
-from torch.fx import Graph, GraphModule, Tracer
+from torch.fx import Graph, GraphModule, Proxy, Tracer
 from torch.fx._symbolic_trace import _assert_is_none
 
 from revcompile.errors import ConversionError, PythonRandomnessError
@@ -71,6 +73,34 @@ def timm_notrace_registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     return tuple(get_notrace_modules()), tuple(get_notrace_functions())
 
 
+_AUGMENTED_ASSIGNMENTS = (
+    "iadd", "iand", "ifloordiv", "ilshift", "imatmul", "imod", "imul", "ior", "ipow",
+    "irshift", "isub", "itruediv", "ixor",
+)  # fmt: skip
+
+
+class AugmentedAssignmentProxy(Proxy):
+    """A Proxy whose ``h += s`` records ``operator.iadd(h, s)``.
+
+    A plain Proxy has no ``__iadd__``, so Python falls back to ``h = h + s``: a
+    new tensor, where eager PyTorch writes ``h`` in place (other views of ``h``
+    see the write, and the result keeps ``h``'s memory layout).
+    """
+
+
+def _augmented_assignment(name: str) -> Callable[[Proxy, Any], Proxy]:
+    target = getattr(operator, name)
+
+    def record(self: Proxy, other: Any) -> Proxy:
+        return self.tracer.create_proxy("call_function", target, (self, other), {})
+
+    return record
+
+
+for _name in _AUGMENTED_ASSIGNMENTS:
+    setattr(AugmentedAssignmentProxy, f"__{_name}__", _augmented_assignment(_name))
+
+
 class ResidualTracer(Tracer):
     """fx tracer with revcompile's leaves (module docstring); buffers are read by
     ``get_attr`` nodes; modules, their bound methods, dict subclasses and
@@ -86,6 +116,9 @@ class ResidualTracer(Tracer):
         # of it (a counter, running statistics) becomes a node instead of running on
         # the original model while tracing.
         self.proxy_buffer_attributes = True
+
+    def proxy(self, node: torch.fx.Node) -> Proxy:
+        return AugmentedAssignmentProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         module_class = type(m)
