@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from revcompile.passes.graph_utils import (
     common_module_prefix,
     graph_position,
+    stale_state_reads,
     unique_name,
 )
 from revcompile.passes.ir import (
@@ -103,14 +104,49 @@ def emit(
     def segments() -> list[list[Node]]:
         """The runs to checkpoint, found again after each rewrite of the graph."""
         if plan.budget is not None:
-            return _tagged_runs(gm)
+            return _recomputable(gm, _tagged_runs(gm))
         if policy == "checkpoint" and plan.stages:
-            return _runs(gm, is_stage)
+            return _recomputable(gm, _runs(gm, is_stage))
         return []
 
+    _read_state_where_used(gm, is_stage)
     changes += _protect_saved_values(gm, is_stage, segments())
     changes += _checkpoint_segments(gm, is_stage, segments())
     return changes
+
+
+def _read_state_where_used(gm: GraphModule, is_stage: Callable[[Node], bool]) -> None:
+    """Give every non-stage reader of a parameter or buffer its own ``get_attr``, just
+    before it.
+
+    A ``get_attr`` read before a stage and written in place after it
+    (``self.scale.mul_(0.5)`` between two stages) would otherwise become an input of
+    the segment that writes it: segments save their inputs, and the write would be
+    made out of place, losing the update. Read inside the segment, the tensor is the
+    segment's own module state, which the segment's recomputation restores.
+    """
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
+        for user in list(node.users):
+            if not user.op.startswith("call_") or is_stage(user):
+                continue
+            with gm.graph.inserting_before(user):
+                local = gm.graph.get_attr(str(node.target))
+            local.meta = dict(node.meta)
+            if CHECKPOINT_SPAN in user.meta:
+                local.meta[CHECKPOINT_SPAN] = user.meta[CHECKPOINT_SPAN]
+            user.replace_input_with(node, local)
+        if not node.users:
+            gm.graph.erase_node(node)
+
+
+def _recomputable(gm: GraphModule, runs: list[list[Node]]) -> list[list[Node]]:
+    """The runs whose recomputation sees the state their forward saw: none reads a
+    parameter or buffer that a write outside the run changes later (that run is
+    stored instead; ``graph_utils.stale_state_reads``)."""
+    stale = stale_state_reads(gm)
+    return [
+        run for run in runs if not any(w not in run for node in run for w in stale.get(node, []))
+    ]
 
 
 def _tagged_runs(gm: GraphModule) -> list[list[Node]]:

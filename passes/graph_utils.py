@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
+from revcompile.passes.ops import written_tensor
 from torch import nn
-from torch.fx import Graph, Node
+from torch.fx import Graph, GraphModule, Node
 
 T = TypeVar("T")
 
@@ -74,3 +75,27 @@ def tensor_shape(node: Node) -> tuple[int, ...] | None:
     (no example inputs, or not a single tensor)."""
     shape = getattr(node.meta.get("tensor_meta"), "shape", None)
     return None if shape is None else tuple(shape)
+
+
+def stale_state_reads(gm: GraphModule) -> dict[Node, list[Node]]:
+    """Every node that reads a parameter or buffer (a user of its ``get_attr``) and is
+    followed in graph order by in-place writes of that attribute, with those writes.
+
+    A recomputation of the reader (a reversible stage's backward, a checkpointed
+    segment) after such a write would see the written value, not the one the
+    forward read: the recorded state of a call covers only what the call itself
+    changes (``revcompile.runtime.state``).
+    """
+    position = graph_position(gm.graph)
+    writes: dict[str, list[Node]] = {}
+    for node in gm.graph.nodes:
+        written = written_tensor(node, gm)
+        if written is not None and written.op == "get_attr":
+            writes.setdefault(str(written.target), []).append(node)
+    stale: dict[Node, list[Node]] = {}
+    for attr in gm.graph.nodes:
+        for reader in attr.users if attr.op == "get_attr" else ():
+            later = [w for w in writes.get(str(attr.target), []) if position(w) > position(reader)]
+            if later:
+                stale.setdefault(reader, []).extend(later)
+    return stale

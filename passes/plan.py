@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 
 from revcompile.passes.graph_utils import (
     common_module_prefix,
+    graph_position,
+    stale_state_reads,
     tensor_shape,
     unique_name,
 )
@@ -34,7 +36,7 @@ from revcompile.passes.ir import (
     ResidualBlock,
     Stage,
 )
-from revcompile.passes.ops import grad_mode_set, reads_metadata_only
+from revcompile.passes.ops import grad_mode_set, reads_metadata_only, writes_in_place
 from revcompile.passes.partition import channel_axes
 from revcompile.passes.partition.sharing import sharing_conflicts
 from torch.fx import GraphModule, Node
@@ -80,8 +82,10 @@ def plan(
     options.check("split", split, Split)
     shapes_known = _shapes_known(gm)
     grad_spans = _grad_mode_spans(gm)
+    stale = stale_state_reads(gm)
     kept = {
         block: _grad_mode_reason(block, grad_spans)
+        or _stale_state_reason(block, stale)
         or _kept_reason(block, blocks, shapes_known, partitions[block], split)
         for block in blocks
     }
@@ -99,6 +103,30 @@ def plan(
         shapes_known=shapes_known,
         partitions=dict(partitions),
     )
+
+
+def _stale_state_reason(
+    block: ResidualBlock, stale: Mapping[Node, list[Node]]
+) -> tuple[KeptReason, str] | None:
+    """A block whose branch reads a parameter or buffer (directly, or through values
+    computed from it outside the block: ``scale.clone()``) that the forward writes in
+    place after the block, outside it: its recomputation would read the new value."""
+    inside = set(block.region)
+    seen: set[Node] = {block.fork}
+    todo = [arg for node in block.region for arg in (node, *node.all_input_nodes)]
+    while todo:
+        read = todo.pop()
+        if read in seen:
+            continue
+        seen.add(read)
+        writes = [w for w in stale.get(read, []) if w not in inside]
+        if writes:
+            return KeptReason.STATE_WRITTEN_LATER, (
+                f"{read.name} reads what {writes[0].name} writes in place after the block"
+            )
+        if read not in inside:
+            todo += read.all_input_nodes
+    return None
 
 
 def _grad_mode_spans(gm: GraphModule) -> tuple[dict[Node, int], list[Node], set[Node]]:
@@ -151,7 +179,7 @@ def _stages(
     candidates = [block for block in blocks if kept[block] is None]
     stages: list[Stage] = []
     used_names = set(dict(gm.named_modules())) | set(dir(gm))
-    for chain in _chains(candidates, _follows(partitions, split)):
+    for chain in _chains(gm, candidates, _follows(partitions, split)):
         couplings = _pair(chain, leftover)
         if not couplings:
             block_plans[chain[0]].reason = KeptReason.ODD_LEFTOVER
@@ -263,12 +291,18 @@ def _kept_reason(
 
 
 def _chains(
-    candidates: list[ResidualBlock], follows: Callable[[ResidualBlock, ResidualBlock], bool]
+    gm: GraphModule,
+    candidates: list[ResidualBlock],
+    follows: Callable[[ResidualBlock, ResidualBlock], bool],
 ) -> list[list[ResidualBlock]]:
     """Maximal runs of candidates where each block's output is exactly the
     next block's fork and is read by nothing else (shape checks aside: they
-    can read the stage input, which has the same shape) and ``follows``
-    agrees; graph order."""
+    can read the stage input, which has the same shape), no in-place write
+    outside the next block lies between them in graph order (a stage runs its
+    blocks together: a buffer update between two of them, which later blocks
+    may read, would move before the first) and ``follows`` agrees; graph order."""
+    position = graph_position(gm.graph)
+    nodes = list(gm.graph.nodes)
     by_fork: dict[Node, list[ResidualBlock]] = {}
     for block in candidates:
         by_fork.setdefault(block.fork, []).append(block)
@@ -279,9 +313,12 @@ def _chains(
             continue
         (next_block,) = following
         inside_next = set(next_block.region) | {next_block.join}
-        if all(
-            user in inside_next or reads_metadata_only(user) for user in block.output.users
-        ) and follows(block, next_block):
+        between = nodes[position(block.output) + 1 : position(next_block.output)]
+        if (
+            all(user in inside_next or reads_metadata_only(user) for user in block.output.users)
+            and not any(writes_in_place(n, gm) for n in between if n not in inside_next)
+            and follows(block, next_block)
+        ):
             successor[block] = next_block
     has_predecessor = set(successor.values())
     chains = []

@@ -33,6 +33,7 @@ class KeptReason(Enum):
     KEPT_WHOLE = "kept_whole"
     BUDGET = "budget"
     PRESERVED = "preserve_function"
+    STATE_WRITTEN_LATER = "state_written_later"
 
     @property
     def words(self) -> str:
@@ -53,6 +54,9 @@ _KEPT_WORDS = {
     KeptReason.KEPT_WHOLE: "inside a module traced as one call",
     KeptReason.BUDGET: "the memory plan stores or checkpoints it instead",
     KeptReason.PRESERVED: "preserve_function=True keeps the network's function",
+    KeptReason.STATE_WRITTEN_LATER: (
+        "reads a parameter or buffer that the forward writes in place later"
+    ),
 }
 
 

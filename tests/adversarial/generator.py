@@ -141,7 +141,7 @@ class NetSpec:
     blocks: tuple[BlockSpec, ...]
     head: str  # map | pooled | tuple | list | dict | ordereddict
     kwarg: bool
-    state: str  # none | counter | attribute | spectral_stem
+    state: str  # none | counter | attribute | spectral_stem | schedule
     train_at_convert: bool
     options: ConvertOptions = field(default_factory=ConvertOptions)
 
@@ -366,7 +366,8 @@ def networks(draw, families: frozenset[str] | None = None, max_blocks: int = 5):
     stem_norms += ["gn", "none"] if "norm" in families else []
     heads = ["map", "pooled"]
     heads += ["tuple", "list", "dict", "ordereddict"] if "container" in families else []
-    states = ["none"] + (["counter", "attribute", "spectral_stem"] if "state" in families else [])
+    states = ["none"]
+    states += ["counter", "attribute", "spectral_stem", "schedule"] if "state" in families else []
     return NetSpec(
         dim=dim,
         in_channels=draw(st.sampled_from([1, 3])),
@@ -798,6 +799,8 @@ class GeneratedNet(nn.Module):
             self.stem_norm.requires_grad_(False)
         if spec.state == "counter":
             self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        if spec.state == "schedule":  # a warm-up factor the forward reads, then updates
+            self.register_buffer("warmup", torch.ones(()))
 
     def _stem(self, x):
         return F.relu(self.stem_norm(self.stem_conv(x)))
@@ -812,10 +815,14 @@ class GeneratedNet(nn.Module):
             h = self._stem(x)
         if self.spec.state == "counter":
             self.calls.add_(1)
-        for block, block_spec in zip(self.blocks, self.spec.blocks):
+        if self.spec.state == "schedule":
+            h = h * self.warmup.clone()
+        for i, (block, block_spec) in enumerate(zip(self.blocks, self.spec.blocks)):
             h = block(h)
             if block_spec.repeat:
                 h = block(h)
+            if self.spec.state == "schedule" and i == len(self.blocks) // 2:
+                self.warmup.mul_(0.5)  # between blocks: after it, blocks see the new value
         if self.spec.state == "attribute":
             self.last = h
         if self.spec.kwarg:

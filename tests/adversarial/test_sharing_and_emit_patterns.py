@@ -7,6 +7,8 @@ converted network under ``reference_mode()``.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -300,3 +302,87 @@ def test_a_module_shared_by_stem_and_head_stays_one(policy: str) -> None:
     prelus = {id(m) for m in gm.modules() if isinstance(m, nn.PReLU)}
     assert len(prelus) == 1
     assert revcompile.report(gm).params_after == unique_params(gm)
+
+
+class BufferScaledBlock(nn.Module):
+    """``x + scale * branch(x)``, ``scale`` passed in (a buffer of the caller) or its own."""
+
+    def __init__(self, own_scale: float | None = None) -> None:
+        super().__init__()
+        self.branch = conv_branch()
+        if own_scale is not None:
+            self.register_buffer("scale", torch.tensor(own_scale))
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        return x + (self.scale if scale is None else scale) * self.branch(x)
+
+
+class WriteBetweenBlocks(nn.Module):
+    """A buffer the blocks read (a copy: autograd saves it), halved in place after
+    ``write_after`` of them (a schedule, a warm-up factor): blocks after the write must
+    see the new value."""
+
+    def __init__(self, write_after: int, blocks: int = 4) -> None:
+        super().__init__()
+        self.write_after = write_after
+        self.register_buffer("scale", torch.ones(()))
+        self.blocks = nn.ModuleList(BufferScaledBlock() for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.scale.clone())
+            if i + 1 == self.write_after:
+                self.scale.mul_(0.5)
+        return x
+
+
+@pytest.mark.parametrize("write_after", [1, 2, 3])
+def test_a_state_write_after_blocks_that_read_it_keeps_them(write_after: int) -> None:
+    """Blocks that read the buffer before the write are kept (a recomputation would read
+    the new value); those after it convert. Independent truth: the first blocks run as
+    the original does, then the conversion of the rest with the scale fixed."""
+    torch.manual_seed(0)
+    model = WriteBetweenBlocks(write_after).double().train()
+    head = copy.deepcopy(model.blocks[:write_after])
+    tail = nn.Sequential(*(BufferScaledBlock(0.5) for _ in model.blocks[write_after:])).double()
+    for block, fixed in zip(model.blocks[write_after:], tail):
+        fixed.branch.load_state_dict(block.branch.state_dict())
+    x = torch.randn(2, C, 6, 6, dtype=torch.float64)
+    gm = revcompile.convert(model, x, split="duplicate")
+    codes = {b.name: b.code for b in revcompile.report(gm).blocks}
+    assert all(codes[f"blocks.{i}"] == "state_written_later" for i in range(write_after))
+    want = revcompile.convert(tail, x, split="duplicate")
+    h = x
+    for block in head:
+        h = block(h, torch.ones((), dtype=torch.float64))
+    torch.testing.assert_close(gm(x), want(h), rtol=1e-12, atol=1e-12)
+    assert float(gm.scale) == 0.5
+    gm.scale.fill_(1.0)
+    compare_with_reference(gm, x)
+    model(x).sum().backward()  # the original trains too
+
+
+class StemReadsStateWrittenAfterTheStage(nn.Module):
+    """The stem scales by a buffer that the head halves after the reversible blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(()))
+        self.stem = nn.Conv2d(3, C, 3, padding=1)
+        self.blocks = nn.Sequential(Block(), Block())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(torch.tanh(self.stem(x)) * self.scale.clone())
+        self.scale.mul_(0.5)
+        return h
+
+
+def test_a_segment_reading_state_written_after_it_is_stored_not_checkpointed() -> None:
+    """A checkpointed stem would recompute with the halved scale: wrong stem gradients."""
+    torch.manual_seed(0)
+    model = StemReadsStateWrittenAfterTheStage().double().train()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    gm = revcompile.convert(model, x)
+    assert len(revcompile.report(gm).stages) == 1
+    compare_with_reference(gm, x)
+    assert float(gm.scale) < 1.0
