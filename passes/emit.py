@@ -46,6 +46,7 @@ from revcompile.passes.partition import build_branch
 from revcompile.passes.partition.analysis import fetch_attr
 from revcompile.passes.partition.branch import Copies, copy_key
 from revcompile.passes.partition.inplace import copy_out_of_place, replace_out_of_place
+from revcompile.passes.trace import has_hooks
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
@@ -140,13 +141,18 @@ def _read_state_where_used(gm: GraphModule, is_stage: Callable[[Node], bool]) ->
 
 
 def _recomputable(gm: GraphModule, runs: list[list[Node]]) -> list[list[Node]]:
-    """The runs whose recomputation sees the state their forward saw: none reads a
-    parameter or buffer that a write outside the run changes later (that run is
-    stored instead; ``graph_utils.stale_state_reads``)."""
+    """The runs whose recomputation repeats exactly what their forward did: none reads
+    a parameter or buffer that a write outside the run changes later
+    (``graph_utils.stale_state_reads``) or calls a module with the user's hooks (they
+    would run again in backward). The others are stored instead."""
     stale = stale_state_reads(gm)
-    return [
-        run for run in runs if not any(w not in run for node in run for w in stale.get(node, []))
-    ]
+
+    def replays(node: Node, run: list[Node]) -> bool:
+        if node.op == "call_module" and has_hooks(gm.get_submodule(str(node.target))):
+            return False
+        return all(write in run for write in stale.get(node, []))
+
+    return [run for run in runs if all(replays(node, run) for node in run)]
 
 
 def _tagged_runs(gm: GraphModule) -> list[list[Node]]:

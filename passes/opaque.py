@@ -23,6 +23,7 @@ from revcompile.passes.normalize import normalize
 from revcompile.passes.ops import STOCHASTIC_DEPTH_CLASS_NAMES
 from revcompile.passes.trace import (
     LEAF_CLASS_NAMES,
+    has_hooks,
     timm_notrace_registry,
     trace_in_current_mode,
 )
@@ -66,10 +67,14 @@ def _why_whole(module: nn.Module) -> str | None:
     """Why the trace keeps ``module`` as one node, for a module that may hold
     residual blocks; None for torch's own layers and the other fixed leaves."""
     cls = type(module)
+    if not isinstance(module, nn.Module):
+        return None
+    container = cls.__module__ == "torch.nn.modules.container"  # a leaf only when hooked
+    if has_hooks(module) and (container or not cls.__module__.startswith(("torch.", "revcompile"))):
+        return "it has hooks of its own (they run when it is called)"
     if (
         cls.__module__.startswith(("torch.", "revcompile"))
         or cls.__name__ in STOCHASTIC_DEPTH_CLASS_NAMES | LEAF_CLASS_NAMES
-        or not isinstance(module, nn.Module)
     ):
         return None
     if isinstance(module, timm_notrace_registry()[0]):

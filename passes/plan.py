@@ -39,6 +39,7 @@ from revcompile.passes.ir import (
 from revcompile.passes.ops import grad_mode_set, reads_metadata_only, writes_in_place
 from revcompile.passes.partition import channel_axes
 from revcompile.passes.partition.sharing import sharing_conflicts
+from revcompile.passes.trace import has_hooks
 from torch.fx import GraphModule, Node
 
 from revcompile import options
@@ -85,6 +86,7 @@ def plan(
     stale = stale_state_reads(gm)
     kept = {
         block: _grad_mode_reason(block, grad_spans)
+        or _hook_reason(gm, block)
         or _stale_state_reason(block, stale)
         or _kept_reason(block, blocks, shapes_known, partitions[block], split)
         for block in blocks
@@ -103,6 +105,15 @@ def plan(
         shapes_known=shapes_known,
         partitions=dict(partitions),
     )
+
+
+def _hook_reason(gm: GraphModule, block: ResidualBlock) -> tuple[KeptReason, str] | None:
+    """A block whose branch calls a module with hooks of the user's: in a coupling the
+    hooks would see the sliced copy's tensors and run again in recomputation."""
+    for node in block.region:
+        if node.op == "call_module" and has_hooks(gm.get_submodule(str(node.target))):
+            return KeptReason.HOOKED, str(node.target)
+    return None
 
 
 def _stale_state_reason(

@@ -19,7 +19,10 @@ through):
   run-time read of the converted module's flag, or the model is refused;
 - revcompile's own runtime modules (``ReversibleSequence``,
   ``AdditiveCoupling``), so converted models can be analysed again;
-- timm's registered no-trace modules and functions, when timm is installed.
+- timm's registered no-trace modules and functions, when timm is installed;
+- every module with hooks of its own (``register_forward_hook``, feature
+  extraction, debugging), so that its hooks run at run time as in the original
+  (the root's hooks are refused: the converted module would not run them).
 
 What else fx would silently change is preserved or refused (see
 ``passes.trace_guards``): grad-mode regions, the user's checkpoint calls,
@@ -52,6 +55,9 @@ from revcompile.passes.trace_guards import (
 from torch import nn
 from torch.fx import Graph, GraphModule, Proxy, Tracer
 from torch.fx._symbolic_trace import _assert_is_none
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from revcompile.errors import ConversionError, PythonRandomnessError
 
@@ -131,6 +137,7 @@ class ResidualTracer(Tracer):
             or module_class.__module__.startswith("revcompile")
             or isinstance(m, self.extra_leaf_classes)
             or id(m) in self.mode_dependent
+            or has_hooks(m)
         )
 
     def create_arg(self, a: Any) -> Any:
@@ -180,6 +187,28 @@ class TracedGraphModule(GraphModule):
                 self.delete_submodule(name)
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# torch's own weight reparametrizations, which the partition pass slices with the layer.
+_WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward, pre-forward or backward hooks of the user's
+    (torch's old-style weight_norm, spectral_norm and pruning hooks aside).
+
+    Traced through, a hook's Python code would run once on Proxies (a feature
+    list would get an fx Proxy) and never again; kept as a leaf, the module
+    is called as a module at run time and its hooks run as in the original.
+    Recomputed (a checkpointed segment, a coupling branch), they would run again
+    in backward: ``plan`` and ``emit`` keep such modules out of recomputation.
+    """
+    return any(
+        not isinstance(hook, _WEIGHT_HOOKS)
+        for name in _HOOK_DICTS
+        for hook in (getattr(module, name, None) or {}).values()
+    )
+
+
 def trace(model: nn.Module, n_inputs: int | None = None) -> GraphModule:
     """Trace ``model`` into a GraphModule at module level.
 
@@ -204,6 +233,12 @@ def trace(model: nn.Module, n_inputs: int | None = None) -> GraphModule:
     the usual remedies) when fx cannot trace the model, and naming the
     construct for Python randomness and attribute writes in ``forward``.
     """
+    if has_hooks(model):
+        raise ConversionError(
+            f"{type(model).__name__} has forward or backward hooks of its own, which the "
+            "converted module would not run; remove them and register them on the module "
+            "convert() returns (hooks on submodules are kept: those stay modules)"
+        )
     snapshot = ModuleSnapshot.take(model)
     try:
         return _trace_mode_independent(model, _constant_defaults(model, n_inputs), snapshot)

@@ -34,6 +34,7 @@ class KeptReason(Enum):
     BUDGET = "budget"
     PRESERVED = "preserve_function"
     STATE_WRITTEN_LATER = "state_written_later"
+    HOOKED = "hooked"
 
     @property
     def words(self) -> str:
@@ -57,6 +58,7 @@ _KEPT_WORDS = {
     KeptReason.STATE_WRITTEN_LATER: (
         "reads a parameter or buffer that the forward writes in place later"
     ),
+    KeptReason.HOOKED: "a layer of its branch has hooks (kept so that they run as before)",
 }
 
 

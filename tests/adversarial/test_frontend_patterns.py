@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from equivalence import compare_with_reference
 from models import BufferCounter as Counter
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
@@ -688,3 +689,77 @@ def test_frontend_semantics_survive_stages(policy: str, split: str) -> None:
     gm.train()
     with torch.no_grad():
         assert not torch.equal(gm(X)["logits"], gm(X)["logits"]), "train dropout lost"
+
+
+# ------------------------------------------------- hooks
+
+
+class ConvBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(C, C, 3, padding=1), nn.Conv2d(C, C, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+class Blocks(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 1)
+        self.blocks = nn.Sequential(*(ConvBlock() for _ in range(n)))
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+def _hooked(n: int, record: list) -> nn.Module:
+    """Feature extraction on block 0 (a forward hook), an input rescale on block 1 (a
+    pre-hook that changes the function) and a backward hook on block 0's branch conv."""
+    model = Blocks(n)
+    model.blocks[0].register_forward_hook(lambda m, i, out: record.append(out))
+    model.blocks[1].register_forward_pre_hook(lambda m, args: (2 * args[0],))
+    model.blocks[0].conv2.register_full_backward_hook(lambda m, gi, go: record.append("bwd"))
+    return model
+
+
+def test_hooked_blocks_stay_modules_whose_hooks_run_at_run_time() -> None:
+    record: list = []
+    check_stage_free(lambda: _hooked(2, record), X)
+    assert not any(isinstance(r, torch.fx.Proxy) for r in record)  # none ran on Proxies
+
+
+def test_hooks_run_per_call_next_to_reversible_stages() -> None:
+    record: list = []
+    torch.manual_seed(0)
+    model = _hooked(4, record).double()
+    gm = revcompile.convert(model, X)
+    report = revcompile.report(gm)
+    assert [s.blocks for s in report.stages] == [["blocks.2", "blocks.3"]]
+    assert {b.name: b.code for b in report.blocks}["blocks.0.add"] == "kept_whole"
+    assert not any(isinstance(r, torch.fx.Proxy) for r in record)
+    compare_with_reference(gm, X)
+    record.clear()
+    gm.train()
+    gm(X).sum().backward()
+    assert len(record) == 2 and record[1] == "bwd"
+    assert record[0].shape == X.shape and not isinstance(record[0], torch.fx.Proxy)
+
+
+def test_hooks_on_the_root_are_refused() -> None:
+    model = Blocks(4).double()
+    model.register_forward_hook(lambda m, i, out: None)
+    with pytest.raises(ConversionError, match="hooks of its own"):
+        revcompile.convert(model, X)
+
+
+def test_a_hooked_layer_inside_a_branch_keeps_its_block() -> None:
+    record: list = []
+    torch.manual_seed(0)
+    model = Blocks(4).double()
+    model.blocks[3].conv1.register_forward_hook(lambda m, i, out: record.append(out.shape))
+    gm = revcompile.convert(model, X)
+    assert {b.name: b.code for b in revcompile.report(gm).blocks}["blocks.3"] == "hooked"
+    record.clear()
+    gm(X).sum().backward()
+    assert record == [X.shape]  # once, full width: not a sliced copy, not recomputed
