@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from revcompile.passes.graph_utils import (
     common_module_prefix,
     graph_position,
+    has_hooks,
     stale_state_reads,
     unique_name,
 )
@@ -46,7 +47,6 @@ from revcompile.passes.partition import build_branch
 from revcompile.passes.partition.analysis import fetch_attr
 from revcompile.passes.partition.branch import Copies, copy_key
 from revcompile.passes.partition.inplace import copy_out_of_place, replace_out_of_place
-from revcompile.passes.trace import has_hooks
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 

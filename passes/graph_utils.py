@@ -11,6 +11,9 @@ import torch
 from revcompile.passes.ops import written_tensor
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 T = TypeVar("T")
 
@@ -99,3 +102,38 @@ def stale_state_reads(gm: GraphModule) -> dict[Node, list[Node]]:
             if later:
                 stale.setdefault(reader, []).extend(later)
     return stale
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# torch's own weight reparametrizations, which the partition pass slices with the layer.
+_WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward, pre-forward or backward hooks of the user's
+    (torch's old-style weight_norm, spectral_norm and pruning hooks aside).
+
+    Traced through, a hook's Python code would run once on Proxies (a feature
+    list would get an fx Proxy) and never again; kept as a leaf, the module
+    is called as a module at run time and its hooks run as in the original.
+    Recomputed (a checkpointed segment, a coupling branch), they would run again
+    in backward: ``plan`` and ``emit`` keep such modules out of recomputation.
+    """
+    return any(
+        not isinstance(hook, _WEIGHT_HOOKS)
+        for name in _HOOK_DICTS
+        for hook in (getattr(module, name, None) or {}).values()
+    )
+
+
+def drop_user_hooks(root: nn.Module) -> None:
+    """Remove the user's hooks (``has_hooks``) from every module of ``root``, a
+    private copy: shape propagation must not run them (a feature-extraction hook
+    would keep a FakeTensor). torch's weight reparametrization hooks stay."""
+    for module in root.modules():
+        for name in _HOOK_DICTS:
+            hooks = getattr(module, name, None)
+            for key in [
+                k for k, hook in (hooks or {}).items() if not isinstance(hook, _WEIGHT_HOOKS)
+            ]:
+                del hooks[key]

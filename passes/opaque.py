@@ -18,12 +18,12 @@ modules, and nothing is rewritten.
 from __future__ import annotations
 
 from revcompile.passes.find_residuals import find_residuals
+from revcompile.passes.graph_utils import has_hooks
 from revcompile.passes.ir import OpaqueBlock
 from revcompile.passes.normalize import normalize
 from revcompile.passes.ops import STOCHASTIC_DEPTH_CLASS_NAMES
 from revcompile.passes.trace import (
     LEAF_CLASS_NAMES,
-    has_hooks,
     timm_notrace_registry,
     trace_in_current_mode,
 )

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from revcompile.passes.graph_utils import (
     common_module_prefix,
     graph_position,
+    has_hooks,
     stale_state_reads,
     tensor_shape,
     unique_name,
@@ -39,7 +40,6 @@ from revcompile.passes.ir import (
 from revcompile.passes.ops import grad_mode_set, reads_metadata_only, writes_in_place
 from revcompile.passes.partition import channel_axes
 from revcompile.passes.partition.sharing import sharing_conflicts
-from revcompile.passes.trace import has_hooks
 from torch.fx import GraphModule, Node
 
 from revcompile import options

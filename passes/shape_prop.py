@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from revcompile.passes.graph_utils import drop_user_hooks
 from torch import nn
 from torch._dynamo.utils import deepcopy_to_fake_tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -81,6 +82,7 @@ class _ShapeRecorder(Interpreter):
     """
 
     def __init__(self, stand_in: GraphModule, gm: GraphModule) -> None:
+        drop_user_hooks(stand_in)
         super().__init__(stand_in, graph=gm.graph)
         self.current_node: Node | None = None
 

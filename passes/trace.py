@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from revcompile.passes.graph_utils import has_hooks
 from revcompile.passes.ops import STOCHASTIC_DEPTH_CLASS_NAMES
 from revcompile.passes.trace_guards import (
     USER_CHECKPOINT_FUNCTIONS,
@@ -55,9 +56,6 @@ from revcompile.passes.trace_guards import (
 from torch import nn
 from torch.fx import Graph, GraphModule, Proxy, Tracer
 from torch.fx._symbolic_trace import _assert_is_none
-from torch.nn.utils.prune import BasePruningMethod
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
 
 from revcompile.errors import ConversionError, PythonRandomnessError
 
@@ -185,28 +183,6 @@ class TracedGraphModule(GraphModule):
         for name, _ in list(self.named_modules()):
             if name and name not in used:
                 self.delete_submodule(name)
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-# torch's own weight reparametrizations, which the partition pass slices with the layer.
-_WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)
-
-
-def has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward, pre-forward or backward hooks of the user's
-    (torch's old-style weight_norm, spectral_norm and pruning hooks aside).
-
-    Traced through, a hook's Python code would run once on Proxies (a feature
-    list would get an fx Proxy) and never again; kept as a leaf, the module
-    is called as a module at run time and its hooks run as in the original.
-    Recomputed (a checkpointed segment, a coupling branch), they would run again
-    in backward: ``plan`` and ``emit`` keep such modules out of recomputation.
-    """
-    return any(
-        not isinstance(hook, _WEIGHT_HOOKS)
-        for name in _HOOK_DICTS
-        for hook in (getattr(module, name, None) or {}).values()
-    )
 
 
 def trace(model: nn.Module, n_inputs: int | None = None) -> GraphModule:
