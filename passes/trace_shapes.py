@@ -35,14 +35,19 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import sympy
 import torch
 from revcompile.passes.trace import ResidualTracer, trace
 from revcompile.passes.trace_guards import current_module
+from sympy.printing.pycode import pycode
 from torch import nn
+from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx import GraphModule, Node, Proxy
+from torch.fx import Graph, GraphModule, Node, Proxy
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.fx.node import map_aggregate
 from torch.fx.proxy import Attribute, TraceError
+from torch.utils._sympy.functions import FloorDiv, Max, Min, PythonMod
 
 __all__ = ["ShapeTracer", "trace_with_shapes"]
 
@@ -112,14 +117,21 @@ class ShapeTracer(ResidualTracer):
         self, mode_dependent: frozenset[int] = frozenset(), *, example_inputs: tuple = ()
     ) -> None:
         super().__init__(mode_dependent)
-        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        self.example_inputs = tuple(
-            self.fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
-            for x in example_inputs
-        )
+        # Sizes of the inputs are symbols (no duck sizing: equal sizes stay distinct).
+        self.shape_env = ShapeEnv(duck_shape=False)
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=self.shape_env)
+        self.example_inputs = example_inputs
         self.values: dict[Node, Any] = {}
         self.input_names: dict[str, Any] = {}
+        self.symbols: dict[sympy.Symbol, tuple[str, int, int]] = {}
+        self.decisions: list[tuple[sympy.Basic, str]] = []
         self.computing = False
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> Graph:
+        graph = super().trace(root, concrete_args)
+        with self._untraced():  # sympy draws Python random numbers: not the model's
+            _insert_guards(graph, self.decisions, self.symbols)
+        return graph
 
     # -- the root's signature ------------------------------------------------
 
@@ -132,7 +144,9 @@ class ShapeTracer(ResidualTracer):
         if any(p.kind is p.VAR_POSITIONAL for p in parameters):
             return super().create_args_for_root(root_fn, is_module, concrete_args)
         named = [p for p in parameters if p.kind is not p.VAR_KEYWORD]
-        self.input_names = dict(zip((p.name for p in named), self.example_inputs))
+        self.input_names = {
+            p.name: self._symbolic(p.name, x) for p, x in zip(named, self.example_inputs)
+        }
         # an example input is required, whatever its default (``pixel_values=None``)
         values = [
             self.create_proxy("placeholder", p.name, (), {})
@@ -184,6 +198,23 @@ class ShapeTracer(ResidualTracer):
             except Exception:  # data-dependent or not computable: fx's rules then apply
                 return _NO_VALUE
         return _NO_VALUE
+
+    def _symbolic(self, name: str, example: Any) -> Any:
+        """A FakeTensor of ``example`` whose sizes are symbols (recorded by dimension)."""
+        if not isinstance(example, torch.Tensor):
+            return example
+        with self._untraced():
+            fake = self.fake_mode.from_tensor(
+                example,
+                source=ConstantSource(name),
+                symbolic_context=StatelessSymbolicContext(
+                    dynamic_sizes=[DimDynamic.DYNAMIC] * example.dim()
+                ),
+            )
+        for dim, size in enumerate(fake.shape):
+            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                self.symbols[size.node.expr] = (name, dim, example.shape[dim])
+        return fake
 
     def _run_module(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         """``module(*args, **kwargs)`` on FakeTensor copies of its parameters and
@@ -263,23 +294,21 @@ class ShapeTracer(ResidualTracer):
         value = self._known(obj)
         if value is _NO_VALUE:
             return super().to_bool(obj)  # fx's error: control flow on tensor data
-        holds = obj if value else self.create_proxy("call_function", operator.not_, (obj,), {})
-        self._guard(holds, f"{obj.node.name} is {bool(value)}")
-        return bool(value)
+        return self._decided(value, bool)
 
     def length(self, obj: Proxy) -> int:
         value = self._known(obj, tensor_ok=True)
         if value is _NO_VALUE:
             raise TraceError(f"len() of {obj.node.name}, whose value depends on tensor data")
-        if isinstance(value, torch.Size):
-            return len(value)  # the number of dimensions: fixed by the graph's ops
-        return self._pinned(self.create_proxy("call_function", len, (obj,), {}), len(value))
+        if isinstance(value, torch.Tensor):
+            return self._decided(value.shape[0], int)
+        return len(value)
 
     def integer(self, obj: Proxy) -> int:
         value = self._known(obj)
         if value is _NO_VALUE:
             raise TraceError(f"{obj.node.name} is used as an int but depends on tensor data")
-        return self._pinned(obj, operator.index(value))
+        return self._decided(value, operator.index)
 
     def iter(self, obj: Proxy) -> Iterator:
         return iter([obj[i] for i in range(len(obj))])
@@ -293,17 +322,20 @@ class ShapeTracer(ResidualTracer):
         value = self.value(obj)
         return _NO_VALUE if isinstance(value, torch.Tensor) and not tensor_ok else value
 
-    def _pinned(self, obj: Proxy, value: int) -> int:
-        equal = self.create_proxy("call_function", operator.eq, (obj, value), {})
-        self._guard(equal, f"{obj.node.name} == {value}")
-        return value
-
-    def _guard(self, condition: Proxy, decision: str) -> None:
-        message = (
-            f"revcompile traced {current_module(self)} for inputs where {decision} "
-            f"({_user_line()}); this input differs: convert again with example_inputs like it"
-        )
-        self.create_proxy("call_function", torch._assert, (condition, message), {})
+    def _decided(self, value: Any, convert: Any) -> Any:
+        """``convert(value)``, recording the condition on the input sizes it rests on."""
+        if not isinstance(value, torch.SymBool | torch.SymInt):
+            return convert(value)
+        with self._untraced():
+            expr = value.node.expr  # before deciding: deciding may turn sizes into constants
+            result = convert(value)
+            if isinstance(value, torch.SymInt):
+                condition = sympy.Eq(expr, result)
+            else:
+                condition = expr if result else sympy.Not(expr)
+        if condition.free_symbols:
+            self.decisions.append((condition, f"in {current_module(self)} at {_user_line()}"))
+        return result
 
 
 class _Missing(Exception):
@@ -319,3 +351,99 @@ def _user_line() -> str:
             return f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
         frame = frame.f_back
     return "unknown line"
+
+
+def _insert_guards(
+    graph: Graph,
+    decisions: list[tuple[sympy.Basic, str]],
+    symbols: dict[sympy.Symbol, tuple[str, int, int]],
+) -> None:
+    """After the placeholders: one ``torch._assert`` per distinct decision,
+    computed from the inputs' sizes (outside every block), so an input that
+    would take another branch fails instead of running the example's.
+
+    A condition that ``_expression`` cannot write as fx nodes pins each size
+    it reads to the example's (stricter, never looser)."""
+    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    sizes: dict[sympy.Symbol, Node] = {}
+
+    def size(symbol: sympy.Symbol) -> Node:
+        if symbol not in sizes:
+            name, dim, _ = symbols[symbol]
+            shape = graph.call_function(getattr, (placeholders[name], "shape"))
+            sizes[symbol] = graph.call_function(operator.getitem, (shape, dim))
+        return sizes[symbol]
+
+    readable = {
+        symbol: sympy.Symbol(f"{name}.shape[{dim}]") for symbol, (name, dim, _) in symbols.items()
+    }
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    done: set[sympy.Basic] = set()
+    with graph.inserting_before(first):
+        for condition, where in decisions:
+            if condition in done or not condition.free_symbols <= symbols.keys():
+                continue
+            done.add(condition)
+            try:
+                checks = [(_expression(graph, condition, size), condition)]
+            except _Unwritten:
+                checks = [
+                    (
+                        graph.call_function(operator.eq, (size(s), symbols[s][2])),
+                        sympy.Eq(s, symbols[s][2]),
+                    )
+                    for s in sorted(condition.free_symbols, key=str)
+                ]
+            for check, shown in checks:
+                message = (
+                    f"revcompile traced this model for inputs where {pycode(shown.subs(readable))} "
+                    f"({where}); this input differs: convert again with example_inputs like it"
+                )
+                graph.call_function(torch._assert, (check, message))
+
+
+class _Unwritten(Exception):
+    """A size expression with an operation ``_expression`` does not write."""
+
+
+_OPERATORS: dict[type, Any] = {
+    sympy.Eq: operator.eq,
+    sympy.Ne: operator.ne,
+    sympy.StrictLessThan: operator.lt,
+    sympy.LessThan: operator.le,
+    sympy.StrictGreaterThan: operator.gt,
+    sympy.GreaterThan: operator.ge,
+    sympy.Add: operator.add,
+    sympy.Mul: operator.mul,
+    sympy.And: operator.and_,
+    sympy.Or: operator.or_,
+    FloorDiv: operator.floordiv,
+    PythonMod: operator.mod,
+    sympy.Mod: operator.mod,
+    Max: max,
+    Min: min,
+}
+
+
+def _expression(graph: Graph, expr: sympy.Basic, size: Any) -> Any:
+    """fx nodes (or a Python constant) computing the integer/boolean ``expr`` of sizes."""
+    if isinstance(expr, sympy.Symbol):
+        return size(expr)
+    if expr.is_Integer:
+        return int(expr)
+    if expr in (sympy.true, sympy.false):
+        return bool(expr)
+    if isinstance(expr, sympy.Not):
+        return graph.call_function(operator.not_, (_expression(graph, expr.args[0], size),))
+    if isinstance(expr, sympy.Pow) and expr.exp.is_Integer and expr.exp >= 0:
+        return graph.call_function(
+            operator.pow, (_expression(graph, expr.base, size), int(expr.exp))
+        )
+    function = _OPERATORS.get(type(expr))
+    if function is None:
+        raise _Unwritten(type(expr).__name__)
+    operands = [_expression(graph, arg, size) for arg in expr.args]
+    result = operands[0]
+    for operand in operands[1:]:
+        result = graph.call_function(function, (result, operand))
+    return result
