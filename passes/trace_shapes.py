@@ -47,7 +47,7 @@ from torch.fx import Graph, GraphModule, Node, Proxy
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.fx.node import map_aggregate
 from torch.fx.proxy import Attribute, TraceError
-from torch.utils._sympy.functions import FloorDiv, Max, Min, PythonMod
+from torch.utils._sympy.functions import FloorDiv, Max, Min, Mod, PowByNatural, PythonMod
 
 __all__ = ["ShapeTracer", "trace_with_shapes"]
 
@@ -420,6 +420,8 @@ _OPERATORS: dict[type, Any] = {
     FloorDiv: operator.floordiv,
     PythonMod: operator.mod,
     sympy.Mod: operator.mod,
+    Mod: operator.mod,  # torch's, for non-negative operands: Python's % on sizes
+    PowByNatural: operator.pow,
     Max: max,
     Min: min,
 }
