@@ -176,6 +176,32 @@ def test_decorated_forward_keeps_its_signature():
     assert converted(x, scale=2.0).shape == original(x, scale=2.0).shape
 
 
+class ModeDependent(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.dropout(self.conv(x), 0.5, self.training)
+
+
+class ShapeAndMode(ShapeChecked):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(ModeDependent(), ModeDependent())
+
+
+def test_train_eval_behaviour_follows_the_mode():
+    model = _double(ShapeAndMode())
+    x = _x(2, 3, 8, 8)
+    gm = revcompile.convert(model, x)
+    gm.eval()
+    assert torch.equal(gm(x), gm(x))
+    assert torch.equal(gm(x), copy.deepcopy(model).eval()(x))
+    gm.train()
+    assert not torch.equal(gm(x), gm(x))
+
+
 def test_batchnorm_state_untouched_by_tracing_in_train_mode():
     model = _double(ShapeChecked()).train()
     before = state_snapshot(model)
