@@ -118,7 +118,7 @@ class ShapeTracer(ResidualTracer):
     ) -> None:
         super().__init__(mode_dependent)
         # Sizes of the inputs are symbols (no duck sizing: equal sizes stay distinct).
-        self.shape_env = ShapeEnv(duck_shape=False)
+        self.shape_env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=self.shape_env)
         self.example_inputs = example_inputs
         self.values: dict[Node, Any] = {}

@@ -146,6 +146,19 @@ def test_resolved_branch_is_guarded():
         gm(_x(2, 4, 8, 8))
 
 
+class BatchOfOne(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return x * 2
+        return x
+
+
+def test_size_one_example_dimension_is_guarded():
+    gm = revcompile.convert(BatchOfOne(), torch.randn(1, 3))
+    with pytest.raises(AssertionError, match=r"x.shape\[0\] == 1"):
+        gm(torch.randn(2, 3))  # the original returns x here, not 2 * x
+
+
 def test_no_conversion_keeps_the_function():
     model = _double(ShapeChecked())
     x = _x(2, 3, 8, 8)
