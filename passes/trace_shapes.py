@@ -14,9 +14,13 @@ transformers 4.x's ``HFTracer`` do. Then:
   node, never a constant, so other batch sizes still run;
 - Python control flow on a metadata value (``bool``, ``len``, iteration,
   ``int``/``__index__``) takes the branch the example inputs take, and the
-  graph asserts it: ``torch._assert`` fails with a one-line message when an
-  input would have taken another branch, instead of silently computing the
-  example's branch; a decision on tensor *data* is still refused, as by fx;
+  graph asserts it. The inputs' sizes are symbols (``ShapeEnv``), so each
+  decision is a condition on them (``Ne(s2, 32)``); it becomes one
+  ``torch._assert`` on the inputs' sizes right after the placeholders (outside
+  every residual block, which a check on a branch value would make unsafe to
+  convert) that fails with a one-line message when an input would have taken
+  another branch, instead of silently computing the example's branch. A
+  decision on tensor *data* is still refused, as by fx;
 - ``forward`` is called by its own signature: a ``functools.wraps`` decorator
   with ``(*args, **kwargs)`` (transformers' ``can_return_tuple``) no longer
   confuses fx's placeholders; ``**kwargs`` is empty.
@@ -271,7 +275,7 @@ class ShapeTracer(ResidualTracer):
                 yield
         finally:
             self.computing = False
-            if profile is not None and callable(profile):
+            if profile is None or callable(profile):
                 sys.setprofile(profile)
             if getattribute is not None:
                 nn.Module.__getattribute__ = getattribute  # type: ignore[method-assign]
@@ -346,8 +350,8 @@ def _user_line() -> str:
     """``file.py:12``: the innermost frame outside torch and revcompile."""
     frame = sys._getframe(1)
     while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not name.startswith(("torch", "revcompile")):
+        package = frame.f_globals.get("__name__", "").split(".")[0]
+        if package not in ("torch", "revcompile"):
             return f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
         frame = frame.f_back
     return "unknown line"
@@ -384,9 +388,9 @@ def _insert_guards(
             if condition in done or not condition.free_symbols <= symbols.keys():
                 continue
             done.add(condition)
-            try:
+            if _writable(condition):
                 checks = [(_expression(graph, condition, size), condition)]
-            except _Unwritten:
+            else:
                 checks = [
                     (
                         graph.call_function(operator.eq, (size(s), symbols[s][2])),
@@ -400,10 +404,6 @@ def _insert_guards(
                     f"({where}); this input differs: convert again with example_inputs like it"
                 )
                 graph.call_function(torch._assert, (check, message))
-
-
-class _Unwritten(Exception):
-    """A size expression with an operation ``_expression`` does not write."""
 
 
 _OPERATORS: dict[type, Any] = {
@@ -427,8 +427,19 @@ _OPERATORS: dict[type, Any] = {
 }
 
 
+def _writable(expr: sympy.Basic) -> bool:
+    """Whether ``_expression`` can write ``expr`` as fx nodes."""
+    if isinstance(expr, sympy.Symbol) or expr.is_Integer or expr in (sympy.true, sympy.false):
+        return True
+    if isinstance(expr, sympy.Pow):
+        return expr.exp.is_Integer and expr.exp >= 0 and _writable(expr.base)
+    known = isinstance(expr, sympy.Not) or type(expr) in _OPERATORS
+    return known and all(_writable(arg) for arg in expr.args)
+
+
 def _expression(graph: Graph, expr: sympy.Basic, size: Any) -> Any:
-    """fx nodes (or a Python constant) computing the integer/boolean ``expr`` of sizes."""
+    """fx nodes (or a Python constant) computing the integer/boolean ``expr`` of
+    sizes; ``size(symbol)`` is the node of one input size. Precondition: ``_writable(expr)``."""
     if isinstance(expr, sympy.Symbol):
         return size(expr)
     if expr.is_Integer:
@@ -437,13 +448,11 @@ def _expression(graph: Graph, expr: sympy.Basic, size: Any) -> Any:
         return bool(expr)
     if isinstance(expr, sympy.Not):
         return graph.call_function(operator.not_, (_expression(graph, expr.args[0], size),))
-    if isinstance(expr, sympy.Pow) and expr.exp.is_Integer and expr.exp >= 0:
+    if isinstance(expr, sympy.Pow):
         return graph.call_function(
             operator.pow, (_expression(graph, expr.base, size), int(expr.exp))
         )
-    function = _OPERATORS.get(type(expr))
-    if function is None:
-        raise _Unwritten(type(expr).__name__)
+    function = _OPERATORS[type(expr)]
     operands = [_expression(graph, arg, size) for arg in expr.args]
     result = operands[0]
     for operand in operands[1:]:

@@ -159,6 +159,20 @@ def test_size_one_example_dimension_is_guarded():
         gm(torch.randn(2, 3))  # the original returns x here, not 2 * x
 
 
+class FloatDecision(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] / 2 > 3:  # a true division: no fx node writes it, the size is pinned
+            return x * 2
+        return x
+
+
+def test_unwritable_condition_pins_the_sizes_it_reads():
+    gm = revcompile.convert(FloatDecision(), torch.randn(2, 3, 8))
+    assert torch.equal(gm(torch.ones(5, 3, 8)), torch.full((5, 3, 8), 2.0))
+    with pytest.raises(AssertionError, match=r"x.shape\[2\] == 8"):
+        gm(torch.randn(2, 3, 10))  # the original also doubles here: stricter, never looser
+
+
 def test_no_conversion_keeps_the_function():
     model = _double(ShapeChecked())
     x = _x(2, 3, 8, 8)
