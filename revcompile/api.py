@@ -279,8 +279,8 @@ def _shape_inputs(
 ) -> tuple[torch.Tensor, ...]:
     if inputs is None or not all(isinstance(x, torch.Tensor) for x in inputs):
         raise ConversionError(
-            f"frontend='shapes' traces {type(model).__name__} with the shapes of example_inputs; "
-            "pass them to convert(), one tensor per forward argument"
+            f"tracing {type(model).__name__} with shapes (frontend='shapes', or plain fx failed) "
+            "needs example_inputs: pass them to convert(), one tensor per forward argument"
         )
     return inputs
 
