@@ -57,7 +57,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Proxy, Tracer
 from torch.fx._symbolic_trace import _assert_is_none
 
-from revcompile.errors import ConversionError, PythonRandomnessError
+from revcompile.errors import ConversionError, PythonRandomnessError, UntraceableError
 
 LEAF_CLASS_NAMES = frozenset({"FrozenBatchNorm2d"})
 """Modules of other libraries kept as leaves, by class name (torchvision.ops.misc)."""
@@ -185,7 +185,11 @@ class TracedGraphModule(GraphModule):
                 self.delete_submodule(name)
 
 
-def trace(model: nn.Module, n_inputs: int | None = None) -> GraphModule:
+def trace(
+    model: nn.Module,
+    n_inputs: int | None = None,
+    make_tracer: Callable[[frozenset[int]], ResidualTracer] | None = None,
+) -> GraphModule:
     """Trace ``model`` into a GraphModule at module level.
 
     Preconditions: ``model`` is an ``nn.Module`` whose ``forward`` fx can trace
@@ -205,9 +209,12 @@ def trace(model: nn.Module, n_inputs: int | None = None) -> GraphModule:
     Grad-mode regions are ``torch._C._set_grad_enabled`` nodes (see
     ``passes.trace_guards``).
 
-    Raises ``ConversionError`` naming the submodule whose forward failed (and
-    the usual remedies) when fx cannot trace the model, and naming the
-    construct for Python randomness and attribute writes in ``forward``.
+    ``make_tracer(mode_dependent)`` builds the tracer (default ``ResidualTracer``;
+    ``passes.trace_shapes`` gives one that carries shapes).
+
+    Raises ``UntraceableError`` naming the submodule whose forward failed (and
+    the usual remedies) when fx cannot trace the model, and ``ConversionError``
+    naming the construct for Python randomness and attribute writes in ``forward``.
     """
     if has_hooks(model):
         raise ConversionError(
@@ -217,7 +224,9 @@ def trace(model: nn.Module, n_inputs: int | None = None) -> GraphModule:
         )
     snapshot = ModuleSnapshot.take(model)
     try:
-        return _trace_mode_independent(model, _constant_defaults(model, n_inputs), snapshot)
+        return _trace_mode_independent(
+            model, _constant_defaults(model, n_inputs), snapshot, make_tracer or ResidualTracer
+        )
     finally:
         snapshot.restore()
 
@@ -238,7 +247,10 @@ def trace_in_current_mode(model: nn.Module) -> GraphModule:
 
 
 def _trace_mode_independent(
-    model: nn.Module, defaults: dict[str, object], snapshot: ModuleSnapshot
+    model: nn.Module,
+    defaults: dict[str, object],
+    snapshot: ModuleSnapshot,
+    make_tracer: Callable[[frozenset[int]], ResidualTracer],
 ) -> GraphModule:
     """Trace until the graph no longer depends on any module's ``training`` flag:
     each module whose flag changes the graph becomes a leaf (the root instead
@@ -248,7 +260,7 @@ def _trace_mode_independent(
     while True:
         try:
             tracer, graph, watch = _trace_once(
-                model, defaults, snapshot, frozenset(mode_dependent), proxy_root
+                model, defaults, snapshot, frozenset(mode_dependent), proxy_root, make_tracer
             )
         except PythonRandomnessError:
             raise
@@ -264,7 +276,7 @@ def _trace_mode_independent(
             watch,
             graph,
             functools.partial(
-                _retrace, model, defaults, snapshot, tracer.mode_dependent, proxy_root
+                _retrace, model, defaults, snapshot, tracer.mode_dependent, proxy_root, make_tracer
             ),
         )
         if not culprits:
@@ -323,12 +335,15 @@ def _trace_once(
     snapshot: ModuleSnapshot,
     mode_dependent: frozenset[int],
     proxy_root: bool,
+    make_tracer: Callable[[frozenset[int]], ResidualTracer] = ResidualTracer,
 ) -> tuple[ResidualTracer, Graph, TraceWatch]:
     """One traced graph: the None defaults fixed; if control flow needs more,
     every default fixed, then each non-None one freed again where tracing
     still succeeds without it (``scale`` stays a parameter next to a fixed
     ``is_causal``)."""
-    trace_with = functools.partial(_trace_fixing, model, snapshot, mode_dependent, proxy_root)
+    trace_with = functools.partial(
+        _trace_fixing, model, snapshot, mode_dependent, proxy_root, make_tracer=make_tracer
+    )
     fixed = {k: v for k, v in defaults.items() if v is None}
     try:
         return trace_with(fixed)
@@ -356,11 +371,12 @@ def _trace_fixing(
     mode_dependent: frozenset[int],
     proxy_root: bool,
     fixed: dict[str, object],
+    make_tracer: Callable[[frozenset[int]], ResidualTracer] = ResidualTracer,
 ) -> tuple[ResidualTracer, Graph, TraceWatch]:
     """Trace with ``fixed`` as concrete_args; refuses randomness and attribute
     writes (ConversionError); raises ``_Untraceable`` when fx fails; restores
     ``model``."""
-    tracer = ResidualTracer(mode_dependent)
+    tracer = make_tracer(mode_dependent)
     watch = TraceWatch(tracer, model, proxy_root_training=proxy_root)
     try:
         with watching(watch):
@@ -409,7 +425,7 @@ def _refuse_hidden_state(model: nn.Module, watch: TraceWatch, snapshot: ModuleSn
 def _trace_error(model: nn.Module, tracer: Tracer, error: Exception) -> ConversionError:
     where = current_module(tracer)
     message = str(error).split("\n")[0]
-    return ConversionError(
+    return UntraceableError(
         f"torch.fx cannot trace {type(model).__name__}: the forward of {where} failed with "
         f"{type(error).__name__}: {message}. Make that module a leaf module (keep "
         "data-dependent code inside a leaf nn.Module, or torch.fx.wrap a function), or trace "

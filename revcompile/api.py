@@ -11,9 +11,18 @@ from torch import nn
 from torch.fx import GraphModule
 
 from revcompile.conversion_report import ConversionReport
-from revcompile.errors import ConversionError
+from revcompile.errors import ConversionError, UntraceableError
 from revcompile.memory import saved_activation_bytes
-from revcompile.options import Compile, Leftover, MemoryBudget, Policy, Split, compile_keywords
+from revcompile.options import (
+    Compile,
+    Frontend,
+    Leftover,
+    MemoryBudget,
+    Policy,
+    Split,
+    check,
+    compile_keywords,
+)
 from revcompile.passes.budget import budget
 from revcompile.passes.cleanup import cleanup
 from revcompile.passes.emit import emit
@@ -26,7 +35,8 @@ from revcompile.passes.partition import partition
 from revcompile.passes.plan import plan
 from revcompile.passes.shape_prop import propagate_guessed_shapes, propagate_shapes
 from revcompile.passes.state_keys import restore_state_keys, traced_tensors
-from revcompile.passes.trace import trace
+from revcompile.passes.trace import TracedGraphModule, trace
+from revcompile.passes.trace_shapes import trace_with_shapes
 from revcompile.report_builder import (
     Rewrite,
     attach_report,
@@ -50,7 +60,9 @@ class Analysis(NamedTuple):
     report: ConversionReport
 
 
-def analyze(model: nn.Module, example_inputs: ExampleInputs = None) -> ConversionReport:
+def analyze(
+    model: nn.Module, example_inputs: ExampleInputs = None, *, frontend: Frontend = "auto"
+) -> ConversionReport:
     """Find the residual blocks of ``model`` and say what conversion would do.
 
     ``example_inputs`` (a tensor or a sequence of tensors, one per ``forward``
@@ -61,10 +73,11 @@ def analyze(model: nn.Module, example_inputs: ExampleInputs = None) -> Conversio
     if the model rejects the guesses, shapes stay unchecked
     (``report.shapes_checked`` is False).
 
-    ``model`` is not modified. Raises ``ConversionError`` when fx cannot trace
-    ``model`` or it rejects the given ``example_inputs``.
+    ``frontend`` as in ``convert``. ``model`` is not modified. Raises
+    ``ConversionError`` when fx cannot trace ``model`` or it rejects the given
+    ``example_inputs``.
     """
-    return pipeline(model, example_inputs, rewrite=False).report
+    return pipeline(model, example_inputs, rewrite=False, frontend=frontend).report
 
 
 def convert(
@@ -79,6 +92,7 @@ def convert(
     compile: Compile = False,
     memory_budget: MemoryBudget | None = None,
     preserve_function: bool = False,
+    frontend: Frontend = "auto",
 ) -> GraphModule:
     """Return a reversible ``GraphModule`` version of ``model``.
 
@@ -130,6 +144,17 @@ def convert(
     coupling), the best activation-checkpointing plan for the budget (1.0 when
     none is given).
 
+    ``frontend``: how ``model`` becomes a graph. ``"auto"`` (default) traces
+    with ``torch.fx``; when fx fails inside the model's code (Python control
+    flow on a shape, iterating or assigning into a traced tensor, a decorated
+    ``forward``, as in Hugging Face models) and ``example_inputs`` are given,
+    it traces again carrying their shapes (``passes.trace_shapes``): control
+    flow takes the example inputs' branches and the graph asserts them, so an
+    input that would take another branch raises ``AssertionError``.
+    ``"fx"`` and ``"shapes"`` use one of the two only. A
+    ``torch.fx.GraphModule`` (one you traced yourself) is taken with its graph
+    as it is, whatever ``frontend`` says.
+
     The result owns its parameters and buffers; ``model`` is never modified.
     The converted network computes a different function from ``model`` (a
     RevNet of the same layout), meant to be trained.
@@ -146,6 +171,7 @@ def convert(
         exact_bits=exact_bits,
         memory_budget=1.0 if preserve_function and memory_budget is None else memory_budget,
         preserve_function=preserve_function,
+        frontend=frontend,
     )
     attach_report(gm, the_report)
     if compile_kwargs is not None:
@@ -165,6 +191,7 @@ def pipeline(
     exact_bits: int = 32,
     memory_budget: MemoryBudget | None = None,
     preserve_function: bool = False,
+    frontend: Frontend = "auto",
 ) -> Analysis:
     """Every pass, in order; ``rewrite=False`` (``analyze``) stops after planning
     (the memory plan included, when ``memory_budget`` is given).
@@ -179,7 +206,7 @@ def pipeline(
             f"not {exact_bits!r}"
         )
     inputs = _as_tuple(example_inputs)
-    gm = trace(model, n_inputs=None if inputs is None else len(inputs))
+    gm = _graph(model, inputs, frontend)
     traced = traced_tensors(gm)
     _propagate_shapes(gm, inputs)
     normalize(gm)
@@ -218,6 +245,44 @@ def _as_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...] | None:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     return None if example_inputs is None else tuple(example_inputs)
+
+
+def _graph(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...] | None, frontend: Frontend
+) -> GraphModule:
+    """The traced graph of ``model`` by ``frontend`` (see ``convert``); a
+    GraphModule keeps its own graph (a copy, sharing its submodules)."""
+    check("frontend", frontend, Frontend)
+    if isinstance(model, GraphModule):
+        return TracedGraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
+    if frontend == "shapes":
+        return trace_with_shapes(model, _shape_inputs(model, inputs))
+    try:
+        return trace(model, n_inputs=None if inputs is None else len(inputs))
+    except UntraceableError as error:
+        if frontend == "fx":
+            raise
+        if inputs is None:
+            raise UntraceableError(
+                f"{error} Or pass example_inputs: revcompile then traces with their shapes"
+            ) from error
+        try:
+            return trace_with_shapes(model, _shape_inputs(model, inputs))
+        except UntraceableError as shaped:
+            raise UntraceableError(
+                f"{shaped} (tracing with the example inputs' shapes; plain fx failed first)"
+            ) from error
+
+
+def _shape_inputs(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...] | None
+) -> tuple[torch.Tensor, ...]:
+    if inputs is None or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise ConversionError(
+            f"tracing {type(model).__name__} with shapes (frontend='shapes', or plain fx failed) "
+            "needs example_inputs: pass them to convert(), one tensor per forward argument"
+        )
+    return inputs
 
 
 def _planned_inputs(

@@ -22,6 +22,7 @@ __all__ = [
     "RevcompileError",
     "RevcompileFileError",
     "SourceError",
+    "UntraceableError",
 ]
 
 
@@ -79,3 +80,7 @@ class BudgetError(ConversionError):
         )
         self.budget = budget
         self.smallest = smallest
+
+
+class UntraceableError(ConversionError):
+    """torch.fx fails inside the model's code (control flow on a Proxy, iterating it, ...)."""

@@ -137,3 +137,11 @@ def budget_bytes(budget: MemoryBudget, original: int) -> int:
     if budget <= 0:
         raise ValueError(f"memory_budget={budget!r} bytes must be positive")
     return budget
+
+
+Frontend = Literal["auto", "fx", "shapes"]
+"""How ``convert`` gets a graph of a model that is not already a ``GraphModule``:
+``"fx"`` plain symbolic tracing only; ``"shapes"`` tracing that resolves Python
+control flow on shapes against ``example_inputs`` (``passes.trace_shapes``);
+``"auto"`` the first, and the second when plain tracing fails and
+``example_inputs`` are given."""
