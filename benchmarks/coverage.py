@@ -55,6 +55,7 @@ from benchmarks.lib.environment import load_average, machine_line
 from benchmarks.lib.exactness import fake_saved_bytes, max_relative_error
 from benchmarks.lib.results import Run, add_results_dir
 from benchmarks.lib.zoo import ZOO, ZooModel
+from revcompile.conversion_report import KeptReason
 
 RTOL = 1e-9
 QUICK = ("resnet18", "resnet1d_34", "res_unet")
@@ -303,7 +304,9 @@ def markdown(rows: list[dict[str, Any]], total: dict[str, Any], machine: str) ->
         f"passes at <= {RTOL:.0e} relative with equal buffers. "
         f'`split="auto"`: the same share under `convert(model, x, split="auto")`. {machine}.'
     )
-    parts = [settings, "\n".join(lines)]
+    codes = sorted({code for row in rows for code in row.get("kept", {})})
+    legend = "Kept codes: " + "; ".join(f"`{c}` = {KeptReason(c).words}" for c in codes) + "."
+    parts = [settings, "\n".join(lines), legend]
     empty = total["nothing_reversible"]
     parts.append(
         "Models with nothing reversible under the defaults:\n\n"
@@ -350,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         run.stem = run.stem.with_name("coverage_subset")  # never overwrite the full table
     rows = []
     for entry in (e for e in ZOO if e.name in args.models):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         row = measure(entry)
         row["wall_s"] = round(time.perf_counter() - start, 1)
+        row["cpu_s"] = round(time.process_time() - cpu_start, 1)  # the load does not count
         rows.append(row)
         check = row.get("gradient_check", {}).get("status", "-")
         print(
@@ -365,12 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     total = totals(rows)
     run.meta["totals"] = total
     run.finish()
+    run.meta["cpu_s"] = round(time.process_time(), 1)
     write_json(run, rows, partial=False)
     run.write_markdown([markdown(rows, total, machine_line(run.meta["machine"]))])
     print(f"identity blocks reversible: {total['reversible_identity']}/{total['identity_blocks']}")
     for line in total["crashes"]:
         print("crash:", line)
-    print(f"wrote {run.stem}.{{json,md}} in {run.meta['wall_s']} s")
+    print(f"wrote {run.stem}.{{json,md}}: {run.meta['wall_s']} s, {run.meta['cpu_s']} s CPU")
     return 0
 
 

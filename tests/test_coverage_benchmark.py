@@ -14,7 +14,9 @@ from torch import nn
 
 import revcompile
 from benchmarks import coverage
-from benchmarks.lib.zoo import ZooModel
+from benchmarks.lib.exactness import fake_saved_bytes
+from benchmarks.lib.zoo import ResUNet, ZooModel
+from revcompile.memory import saved_activation_bytes
 
 
 def test_coverage_run_on_two_models(tmp_path) -> None:
@@ -87,3 +89,12 @@ def test_identity_blocks_exclude_projection_and_broadcast(code, counted) -> None
     counts = coverage.block_counts(revcompile.ConversionReport(blocks=[block]))
     assert counts["identity_blocks"] == int(counted)
     assert counts["reversible_identity"] == int(counted)
+
+
+def test_fake_saved_bytes_equal_the_measurement() -> None:
+    torch.manual_seed(0)
+    model = ResUNet().train()
+    x = torch.randn(2, 3, 32, 32)
+    gm = revcompile.convert(model, x).train()
+    for module in (model, gm):
+        assert fake_saved_bytes(module, x) == saved_activation_bytes(module, x)
