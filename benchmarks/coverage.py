@@ -127,9 +127,15 @@ def gradient_check(entry: ZooModel) -> dict[str, Any]:
     }
 
 
-def auto_split(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
-    """Identity blocks made reversible by ``split="auto"`` (conversion only)."""
+def auto_split(entry: ZooModel, x: torch.Tensor) -> dict[str, Any]:
+    """Identity blocks made reversible by ``split="auto"`` (conversion only).
+
+    A fresh model: a conversion that leaves state on its original (see
+    :func:`proxies_left`) must not decide what this one finds.
+    """
+    torch.manual_seed(0)
     try:
+        model = entry.make(entry.memory_size).train()
         counts = block_counts(revcompile.report(revcompile.convert(model, x, split="auto")))
     except Exception as exc:  # noqa: BLE001
         return failure(exc)
@@ -137,6 +143,22 @@ def auto_split(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
         "status": "converted",
         **{k: counts[k] for k in ("identity_blocks", "reversible_identity")},
     }
+
+
+def proxies_left(model: nn.Module) -> list[str]:
+    """``module.attribute`` of every fx Proxy left on ``model`` (in an attribute, or one level
+    down in a dict, list or tuple, keys included): tracing mutated the original model."""
+    found = []
+    for path, module in model.named_modules():
+        for name, value in vars(module).items():
+            items = [value]
+            if isinstance(value, dict):
+                items = [*value.keys(), *value.values()]
+            elif isinstance(value, list | tuple):
+                items = list(value)
+            if any(isinstance(item, torch.fx.Proxy) for item in items):
+                found.append(f"{path}.{name}" if path else name)
+    return found
 
 
 def measure(entry: ZooModel) -> dict[str, Any]:
@@ -157,6 +179,7 @@ def measure(entry: ZooModel) -> dict[str, Any]:
     row["convert_s"] = round(time.perf_counter() - start, 2)
     report = revcompile.report(gm)
     row.update(status="converted", **block_counts(report))
+    row["proxies_left_on_original"] = proxies_left(model)
     row["params_before"], row["params_after"] = report.params_before, report.params_after
     try:
         row["saved_bytes_before"] = fake_saved_bytes(model, x)
@@ -165,7 +188,7 @@ def measure(entry: ZooModel) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         row["saved_bytes"] = failure(exc)
     row["gradient_check"] = gradient_check(entry)
-    row["auto"] = auto_split(model, x)
+    row["auto"] = auto_split(entry, x)
     return row
 
 
@@ -226,6 +249,11 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "gradient_check_total": len(checks),
         "nothing_reversible": nothing_reversible(rows),
         "crashes": crashes(rows),
+        "originals_modified": {
+            r["model"]: r["proxies_left_on_original"]
+            for r in converted
+            if r["proxies_left_on_original"]
+        },
     }
 
 
@@ -315,6 +343,14 @@ def markdown(rows: list[dict[str, Any]], total: dict[str, Any], machine: str) ->
     parts.append(
         "Crashes (exceptions other than `ConversionError`):\n\n"
         + ("\n".join(f"- {line}" for line in total["crashes"]) if total["crashes"] else "- none")
+    )
+    modified = [
+        f"- `{model}`: {len(where)} ({', '.join(where[:3])}{', ...' if len(where) > 3 else ''})"
+        for model, where in total["originals_modified"].items()
+    ]
+    parts.append(
+        "Originals modified by `convert` (fx Proxies left in module attributes):\n\n"
+        + ("\n".join(modified) or "- none")
     )
     return "\n\n".join(parts)
 

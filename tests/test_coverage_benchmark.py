@@ -98,3 +98,12 @@ def test_fake_saved_bytes_equal_the_measurement() -> None:
     gm = revcompile.convert(model, x).train()
     for module in (model, gm):
         assert fake_saved_bytes(module, x) == saved_activation_bytes(module, x)
+
+
+def test_proxies_left_on_a_model_are_found() -> None:
+    model = nn.Sequential(NoResidual())
+    proxy = torch.fx.Proxy(torch.fx.Graph().placeholder("x"))
+    assert coverage.proxies_left(model) == []
+    model[0].cache = {"cpu": proxy}  # as timm's LeViT attention-bias cache after tracing
+    model.last = [proxy]
+    assert coverage.proxies_left(model) == ["last", "0.cache"]
