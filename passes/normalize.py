@@ -55,6 +55,10 @@ ALLOCATING_MODULES = (
 )
 """Layers whose output is always a new tensor (never their input or a view of it)."""
 
+ALLOCATING_CLASS_NAMES = frozenset({"FrozenBatchNorm2d"})
+"""The same, outside torch.nn, by class name: torchvision's (and timm's) frozen
+BatchNorm computes ``x * scale + bias``."""
+
 ALLOCATING_NAMES = frozenset(
     {
         "add", "sub", "mul", "div", "truediv", "true_divide", "floordiv", "floor_divide",
@@ -247,6 +251,8 @@ def _allocates(node: Node, gm: GraphModule) -> bool:
     """Whether ``node``'s result is always a new tensor (see ALLOCATING_*)."""
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
+        if type(module).__name__ in ALLOCATING_CLASS_NAMES:
+            return True
         if getattr(module, "inplace", False) or type(module).__module__.split(".")[:2] != [
             "torch",
             "nn",

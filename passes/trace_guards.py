@@ -26,6 +26,7 @@ attribute writes in ``forward`` (which fx cannot keep) are detected and undone.
 
 from __future__ import annotations
 
+import copy
 import functools
 import random
 import sys
@@ -214,10 +215,13 @@ def watching(watch: TraceWatch) -> Iterator[TraceWatch]:
 @dataclass
 class ModuleSnapshot:
     """The Python state of every module of a model: attributes, the parameter,
-    buffer and submodule tables, and each tensor's version counter."""
+    buffer and submodule tables, the contents of plain list and dict attributes
+    (a cache that a forward fills, such as timm LeViT's ``attention_bias_cache``,
+    would otherwise keep fx Proxies), and each tensor's version counter."""
 
     entries: list[tuple[str, nn.Module, dict, dict, dict, dict]]
     versions: dict[int, tuple[str, torch.Tensor, int]]
+    containers: list[tuple[list | dict, list | dict]]
 
     @classmethod
     def take(cls, model: nn.Module) -> ModuleSnapshot:
@@ -229,7 +233,13 @@ class ModuleSnapshot:
             id(t): (name, t, t._version)
             for name, t in (*model.named_parameters(), *model.named_buffers())
         }
-        return cls(entries, versions)
+        containers = [
+            (value, copy.copy(value))
+            for _, m in model.named_modules()
+            for value in m.__dict__.values()
+            if type(value) in (list, dict)
+        ]
+        return cls(entries, versions, containers)
 
     def changes(self) -> list[str]:
         """``layer1.0.last (Block)`` for each attribute the traced code wrote or deleted."""
@@ -249,7 +259,12 @@ class ModuleSnapshot:
         return sorted(set(found))
 
     def restore(self) -> None:
-        """Put back every attribute and table entry (not tensor values)."""
+        """Put back every attribute, table entry and container's contents (not
+        tensor values)."""
+        for container, contents in self.containers:
+            if _changed(container, contents):
+                container.clear()
+                (container.extend if isinstance(container, list) else container.update)(contents)
         for _, module, attributes, *tables in self.entries:
             now = (module.__dict__, module._parameters, module._buffers, module._modules)
             for before, after in zip((attributes, *tables), now):
@@ -259,3 +274,10 @@ class ModuleSnapshot:
 
 
 _MISSING = object()
+
+
+def _changed(now: list | dict, before: list | dict) -> bool:
+    """Whether a container's entries differ (by identity: entries may be tensors)."""
+    if isinstance(now, list):
+        return len(now) != len(before) or any(a is not b for a, b in zip(now, before))
+    return now.keys() != before.keys() or any(now[k] is not before[k] for k in before)

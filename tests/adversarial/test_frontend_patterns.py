@@ -764,3 +764,45 @@ def test_a_hooked_layer_inside_a_branch_keeps_its_block() -> None:
     record.clear()
     gm(X).sum().backward()
     assert record == [X.shape]  # once, full width: not a sliced copy, not recomputed
+
+
+# ------------------------------------------------- torchvision / timm specifics
+
+
+def test_frozen_batchnorm_resnet_blocks_are_found_and_convert() -> None:
+    """Detection backbones: FrozenBatchNorm2d then ReLU(inplace=True) (it allocates)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d, num_classes=3).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    gm = revcompile.convert(model, x)
+    report = revcompile.report(gm)
+    assert len(report.blocks) == 8 and report.stages
+    compare_with_reference(gm, x)
+
+
+class CachedBias(nn.Module):
+    """timm LeViT's attention bias: computed in training, cached per device in eval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(C, 1, 1))
+        self.cache: dict = {}
+
+    def get_bias(self, device: torch.device) -> torch.Tensor:
+        if self.training:
+            return self.bias * 2
+        key = str(device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        return self.cache[key]
+
+    def forward(self, x):
+        return x + torch.tanh(x) + self.get_bias(x.device)
+
+
+def test_a_cache_filled_by_an_eval_forward_is_left_as_it_was() -> None:
+    model = Wrapper(CachedBias()).double().eval()
+    gm = revcompile.convert(model, X)
+    assert model.body.cache == {}  # no fx Proxy left in the original's cache
+    with torch.no_grad():
+        assert torch.equal(gm(X), model(X))
