@@ -43,6 +43,7 @@ from revcompile.report_builder import (
     build_report,
     count_parameters,
     report,
+    storage_address,
 )
 from revcompile.runtime import compile_parts
 
@@ -372,7 +373,7 @@ def _tied_copies(tensors: list[torch.Tensor]) -> dict[int, object]:
     """
     groups: dict[int, list[torch.Tensor]] = {}
     for tensor in {id(t): t for t in tensors}.values():
-        address = 0 if tensor.device.type == "meta" else tensor.untyped_storage().data_ptr()
+        address = storage_address(tensor)
         if address:
             groups.setdefault(address, []).append(tensor)
     copies: dict[int, object] = {}

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx import GraphModule, Node
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
@@ -103,8 +104,15 @@ def count_parameters(module: nn.Module) -> int:
     return total
 
 
+def storage_address(tensor: torch.Tensor) -> int:
+    """The address of ``tensor``'s storage; 0 for tensors without data (meta, fake)."""
+    if tensor.device.type == "meta" or is_fake(tensor):
+        return 0
+    return tensor.untyped_storage().data_ptr()
+
+
 def _memory_key(tensor: torch.Tensor) -> tuple[int, ...]:
-    address = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else 0
+    address = storage_address(tensor)
     if address == 0:
         return (id(tensor),)
     return (address, tensor.storage_offset(), *tensor.shape, *tensor.stride())
