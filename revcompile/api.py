@@ -11,7 +11,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from revcompile.conversion_report import ConversionReport
-from revcompile.errors import ConversionError, UntraceableError
+from revcompile.errors import ConversionError, OptionError, UntraceableError
 from revcompile.memory import saved_activation_bytes
 from revcompile.options import (
     Compile,
@@ -93,6 +93,7 @@ def convert(
     compile: Compile = False,
     memory_budget: MemoryBudget | None = None,
     preserve_function: bool = False,
+    budget_batch_size: int | None = None,
     frontend: Frontend = "auto",
 ) -> GraphModule:
     """Return a reversible ``GraphModule`` version of ``model``.
@@ -143,7 +144,9 @@ def convert(
     achievable size) says when no plan fits. ``preserve_function=True`` plans
     with storing and checkpointing only: the network keeps its function (no
     coupling), the best activation-checkpointing plan for the budget (1.0 when
-    none is given).
+    none is given). ``budget_batch_size=N`` plans for batches of N instead of
+    the example's (the costs are counted on meta tensors, so no activation of
+    that size is allocated; ``report(gm).budget.measured_bytes`` stays None).
 
     ``frontend``: how ``model`` becomes a graph. ``"auto"`` (default) traces
     with ``torch.fx``; when fx fails inside the model's code (Python control
@@ -172,6 +175,7 @@ def convert(
         exact_bits=exact_bits,
         memory_budget=1.0 if preserve_function and memory_budget is None else memory_budget,
         preserve_function=preserve_function,
+        budget_batch_size=budget_batch_size,
         frontend=frontend,
     )
     attach_report(gm, the_report)
@@ -192,6 +196,7 @@ def pipeline(
     exact_bits: int = 32,
     memory_budget: MemoryBudget | None = None,
     preserve_function: bool = False,
+    budget_batch_size: int | None = None,
     frontend: Frontend = "auto",
 ) -> Analysis:
     """Every pass, in order; ``rewrite=False`` (``analyze``) stops after planning
@@ -216,9 +221,11 @@ def pipeline(
     partitions = partition(gm, blocks)
     the_plan = plan(gm, blocks, rejected, partitions, leftover=leftover, split=split)
     rewrites: list[Rewrite] = []
+    if budget_batch_size is not None and memory_budget is None:
+        raise OptionError("budget_batch_size is the batch memory_budget plans for: give both")
     if memory_budget is not None:
         the_plan = budget(
-            gm, the_plan, _planned_inputs(model, inputs), memory_budget,
+            gm, the_plan, _planned_inputs(model, inputs, budget_batch_size), memory_budget,
             preserve_function=preserve_function, exact=exact,
         )  # fmt: skip
     if rewrite:
@@ -228,7 +235,7 @@ def pipeline(
         restore_state_keys(gm, model, traced)
         _set_new_modules_mode(gm, model)
         _own_shared_state(gm, model)
-        if the_plan.budget is not None and inputs is not None:
+        if the_plan.budget is not None and inputs is not None and budget_batch_size is None:
             the_plan.budget.measured_bytes = saved_activation_bytes(gm, *inputs)
     the_report = build_report(
         the_plan,
@@ -287,14 +294,24 @@ def _shape_inputs(
 
 
 def _planned_inputs(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...] | None
+    model: nn.Module, inputs: tuple[torch.Tensor, ...] | None, batch_size: int | None
 ) -> tuple[torch.Tensor, ...]:
+    """The inputs the memory planner costs: the example inputs, or meta tensors of
+    their shapes with dim 0 set to ``batch_size``."""
     if inputs is None:
         raise ConversionError(
             f"memory_budget plans at the size of example_inputs; pass example_inputs to "
             f"convert() for {type(model).__name__}"
         )
-    return inputs
+    if batch_size is None:
+        return inputs
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise OptionError(f"budget_batch_size must be a positive int, not {batch_size!r}")
+    if any(not isinstance(t, torch.Tensor) or t.dim() == 0 for t in inputs):
+        raise OptionError("budget_batch_size needs example inputs: tensors with a batch dim")
+    return tuple(
+        torch.empty((batch_size, *t.shape[1:]), dtype=t.dtype, device="meta") for t in inputs
+    )
 
 
 def _propagate_shapes(gm: GraphModule, inputs: tuple[torch.Tensor, ...] | None) -> None:

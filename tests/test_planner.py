@@ -23,7 +23,7 @@ from torch import nn
 from revcompile import convert, load, report
 from revcompile.cli import main
 from revcompile.conversion_report import ConversionReport
-from revcompile.errors import BudgetError, ConversionError
+from revcompile.errors import BudgetError, ConversionError, OptionError
 from revcompile.memory import saved_activation_bytes
 from revcompile.runtime import CheckpointedSegment, ReversibleSequence
 
@@ -280,3 +280,32 @@ def test_cli_memory_budget_errors(capsys, args: list[str], code: int, message: s
         result = exit_.code
     assert result == code
     assert message in capsys.readouterr().err
+
+
+def test_a_given_batch_size_plans_as_an_example_of_that_batch_would() -> None:
+    """Planned on meta tensors at batch 8 from an example of batch 2: the same plan as
+    from a real example of batch 8, and the plan fits when measured at batch 8."""
+    model, x = built("cifar_resnet20")
+    x8 = torch.randn((8, *x.shape[1:]))
+    original8 = saved_activation_bytes(model, x8)
+    gm = convert(model, x, memory_budget=0.25, budget_batch_size=8)
+    plan = report(gm).budget
+    want = report(convert(model, x8, memory_budget=0.25)).budget
+    assert plan.original_bytes == original8 == want.original_bytes
+    choices = [(row.name, row.choice) for row in plan.segments]
+    assert choices == [(row.name, row.choice) for row in want.segments]
+    assert plan.measured_bytes is None  # not measured: no batch-8 forward at convert time
+    assert saved_activation_bytes(gm, x8) == plan.predicted_bytes <= plan.budget_bytes
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.5, True])
+def test_a_malformed_budget_batch_size_is_refused(size: object) -> None:
+    model, x = built("cifar_resnet20")
+    with pytest.raises(OptionError, match="budget_batch_size"):
+        convert(model, x, memory_budget=0.5, budget_batch_size=size)
+
+
+def test_a_budget_batch_size_needs_a_budget() -> None:
+    model, x = built("cifar_resnet20")
+    with pytest.raises(OptionError, match="give both"):
+        convert(model, x, budget_batch_size=8)
