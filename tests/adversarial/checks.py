@@ -39,6 +39,9 @@ ROUNDING_MARGIN = 10.0
 """How many times one rounding's movement of the reference an ill-conditioned network's
 reversible error may reach (``check_reference``)."""
 ROUNDING_TRIALS = 3
+ILL_CONDITIONED: list[tuple[float, float]] = []
+"""(largest error, the reference's movement under one rounding there) of every step the
+reference check judged by rounding sensitivity and exact mode (counted by run_long.py)."""
 FD_TOLERANCE = 1e-5
 """Central differences (step 1e-6, float64) vs the analytic directional derivative."""
 
@@ -329,6 +332,8 @@ def check_reference(case: Case) -> list[str]:
             if err > max(TOLERANCE, ROUNDING_MARGIN * moved.get(what, 0.0))
         ]
         problems += _exact_mode_differences(case)
+        worst = max(errors, key=errors.get)
+        ILL_CONDITIONED.append((errors[worst], moved.get(worst, 0.0)))
     return problems
 
 

@@ -122,6 +122,19 @@ def run(tally: Tally, examples: int, families: frozenset[str] | None) -> None:
     one()
 
 
+def _ill_conditioned_line() -> str:
+    cases = checks.ILL_CONDITIONED
+    if not cases:
+        return "No reversible step differed from reference_mode() by more than 1e-9."
+    worst = max(cases)
+    return (
+        f"{len(cases)} reversible steps differed from reference_mode() by more than 1e-9 "
+        f"(largest {worst[0]:.2e}, where one rounding of the stage inputs moves the reference "
+        f"by {worst[1]:.2e}); each was judged by that movement and by exact mode, bit for bit "
+        "(``checks.check_reference``)."
+    )
+
+
 def markdown(tally: Tally, title: str) -> str:
     total = sum(tally.outcomes.values())
     seconds = sorted(tally.seconds)
@@ -130,6 +143,8 @@ def markdown(tally: Tally, title: str) -> str:
         "",
         f"{total} generated networks; {tally.defective} with at least one defect. "
         f"Seconds per network: median {seconds[len(seconds) // 2]:.2f}, max {seconds[-1]:.2f}.",
+        "",
+        _ill_conditioned_line(),
         "",
         "| outcome | networks |",
         "|---|---|",
