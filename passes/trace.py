@@ -58,6 +58,11 @@ LEAF_CLASS_NAMES = frozenset({"FrozenBatchNorm2d"})
 
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
 
+TRACED_TIMM_CLASS_NAMES = frozenset({"NormFreeBlock"})
+"""timm no-trace modules traced through all the same: timm lists NF-nets' block
+because fx drops its ``out.mul_(self.skipinit_gain)`` statement, which
+``passes.normalize`` keeps as a side effect."""
+
 
 def timm_notrace_registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     """timm's registered no-trace module classes and functions; empty without timm."""
@@ -68,7 +73,8 @@ def timm_notrace_registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
             from timm.models._features_fx import get_notrace_functions, get_notrace_modules
         except ImportError:
             return (), ()
-    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+    modules = [m for m in get_notrace_modules() if m.__name__ not in TRACED_TIMM_CLASS_NAMES]
+    return tuple(modules), tuple(get_notrace_functions())
 
 
 class ResidualTracer(Tracer):

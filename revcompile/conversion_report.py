@@ -33,6 +33,9 @@ class KeptReason(Enum):
     KEPT_WHOLE = "kept_whole"
     BUDGET = "budget"
     PRESERVED = "preserve_function"
+    SCALED_SHORTCUT = "scaled_shortcut"
+    PARTIAL_CHANNELS = "partial_channels"
+    INSIDE_BLOCK = "inside_block"
 
     @property
     def words(self) -> str:
@@ -53,6 +56,11 @@ _KEPT_WORDS = {
     KeptReason.KEPT_WHOLE: "inside a module traced as one call",
     KeptReason.BUDGET: "the memory plan stores or checkpoints it instead",
     KeptReason.PRESERVED: "preserve_function=True keeps the network's function",
+    KeptReason.SCALED_SHORTCUT: "the shortcut is scaled (an additive coupling cannot scale it)",
+    KeptReason.PARTIAL_CHANNELS: "partial-channel residual: the shortcut is added to some "
+    "channels of a wider branch output",
+    KeptReason.INSIDE_BLOCK: "inside the branch of an enclosing identity block, "
+    "planned as part of it",
 }
 
 
