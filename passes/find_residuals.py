@@ -56,6 +56,7 @@ import networkx as nx
 import torch
 from revcompile.passes.graph_utils import common_module_prefix, graph_position, module_path
 from revcompile.passes.ir import RejectedAdd, ResidualBlock
+from revcompile.passes.nesting import resolve_nesting
 from revcompile.passes.normalize import hidden_writes
 from revcompile.passes.ops import (
     ACTIVATION_NAMES,
@@ -95,7 +96,8 @@ def find_residuals(gm: GraphModule) -> tuple[list[ResidualBlock], list[RejectedA
     as the ``join`` of a ResidualBlock or as a RejectedAdd; both lists are in
     graph order. Block names are unique: the innermost module whose forward
     holds the add (``layer3.4``), else the common module prefix of the region,
-    else the add node's name. ``gm`` is not modified.
+    else the add node's name. Of nested blocks, those inside an enclosing block
+    that converts as a whole are kept (``passes.nesting``). ``gm`` is not modified.
     """
     flow = _dataflow_graph(gm)
     graph = _Graph(
@@ -113,6 +115,7 @@ def find_residuals(gm: GraphModule) -> tuple[list[ResidualBlock], list[RejectedA
         found = _analyse_add(graph, node)
         (blocks if isinstance(found, ResidualBlock) else rejected).append(found)
     _make_names_unique(blocks)
+    resolve_nesting(blocks)
     return blocks, rejected
 
 

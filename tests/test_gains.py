@@ -157,3 +157,105 @@ def test_partial_channel_residuals_are_kept_with_their_reason() -> None:
     report = _checked(lambda: nn.Sequential(ReXNetBlock(C, C + 4), ReXNetBlock(C + 4, C + 6)))
     assert _fates(report) == [("kept", KeptReason.PARTIAL_CHANNELS.value)] * 2
     assert "bypass the add" in report.blocks[0].detail
+
+
+# ----------------------------------------------------------------- nested residuals
+
+
+class GRN(nn.Module):
+    """timm's GlobalResponseNorm (channels last): ``x + (gamma * (x * N(x)) + beta)``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(0.1 * torch.ones(dim))
+        self.bias = nn.Parameter(0.05 * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_g = x.norm(p=2, dim=(1, 2), keepdim=True)
+        x_n = x_g / (x_g.mean(dim=-1, keepdim=True) + 1e-6)
+        shape = (1, 1, 1, -1)
+        return x + torch.addcmul(self.bias.view(shape), self.weight.view(shape), x * x_n)
+
+
+class ConvNeXtV2Block(nn.Module):
+    """timm's ConvNeXt-V2 block: depthwise conv, channels-last LayerNorm and an MLP
+    with GRN between its two linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(C, C, 7, padding=3, groups=C)
+        self.norm = nn.LayerNorm(C)
+        self.fc1, self.act, self.grn, self.fc2 = (
+            nn.Linear(C, 4 * C),
+            nn.GELU(),
+            GRN(4 * C),
+            nn.Linear(4 * C, C),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.norm(self.conv_dw(x).permute(0, 2, 3, 1))
+        x = self.fc2(self.grn(self.act(self.fc1(x))))
+        return x.permute(0, 3, 1, 2) + shortcut
+
+
+class Res2NetBlock(nn.Module):
+    """timm's Bottle2neck (identity shortcut): the hierarchical adds
+    ``sp = sp + spx[i]`` of its width splits are residual adds inside the branch."""
+
+    def __init__(self, width: int = 4, scale: int = 4) -> None:
+        super().__init__()
+        self.width = width
+        self.conv1 = nn.Sequential(nn.Conv2d(C, width * scale, 1), nn.BatchNorm2d(width * scale))
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(scale - 1))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(scale - 1))
+        self.conv3 = nn.Sequential(nn.Conv2d(width * scale, C, 1), nn.BatchNorm2d(C))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        spx = torch.split(self.relu(self.conv1(x)), self.width, 1)
+        spo = []
+        sp = spx[0]
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            sp = spx[i] if i == 0 else sp + spx[i]
+            sp = self.relu(bn(conv(sp)))
+            spo.append(sp)
+        spo.append(spx[-1])
+        return self.relu(self.conv3(torch.cat(spo, 1)) + shortcut)
+
+
+class GlobalResidual(nn.Module):
+    """EDSR's body: ``x + conv(chain(x))`` around a chain of identity blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*(SkipInit(0.5) for _ in range(4)), nn.Conv2d(C, C, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+INSIDE = ("kept", KeptReason.INSIDE_BLOCK.value)
+
+
+def test_grn_inside_the_mlp_does_not_keep_the_convnext_v2_blocks() -> None:
+    """GRN's residual add is part of the block's branch: the blocks convert
+    (duplicated: GRN's norm does not halve), GRN is kept inside them."""
+    report = _checked(_chain(ConvNeXtV2Block, 2), split="auto")
+    assert _fates(report) == [INSIDE, ("F", None), INSIDE, ("G", None)]
+    assert [b.detail for b in report.blocks if b.fate == "kept"] == [
+        "part of the branch of 0",
+        "part of the branch of 1",
+    ]
+
+
+def test_res2net_hierarchical_adds_do_not_keep_the_bottleneck() -> None:
+    report = _checked(_chain(Res2NetBlock, 2), split="auto")
+    assert _fates(report) == [*[INSIDE] * 2, ("F", None), *[INSIDE] * 2, ("G", None)]
+
+
+def test_a_chain_inside_a_lone_residual_converts_instead() -> None:
+    """The global residual has no partner: its chain of four blocks converts."""
+    report = _checked(GlobalResidual)
+    assert _fates(report) == [("F", None), ("G", None)] * 2 + [("kept", "nested")]

@@ -434,3 +434,44 @@ def test_a_partial_channel_residual_is_kept_with_its_reason() -> None:
     assert block.shortcut == "identity"
     assert block.kept is not None and block.kept[0] is KeptReason.PARTIAL_CHANNELS
     assert "[0:8] along dim 1" in block.kept[1]
+
+
+# ----------------------------------------------------------------- nested residuals (issue 14)
+
+
+class _Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = _convs()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+class _Outer(nn.Module):
+    """``x + conv(inner blocks(x))`` with ``inner`` identity blocks inside."""
+
+    def __init__(self, inner: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*(_Inner() for _ in range(inner)), nn.Conv2d(C, C, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+@pytest.mark.parametrize(
+    ("outer", "inner", "inside"),
+    [(2, 1, True), (2, 2, True), (1, 1, True), (1, 2, False), (1, 0, False)],
+)
+def test_nested_blocks_join_the_enclosing_block_that_can_convert(outer, inner, inside) -> None:
+    """Blocks inside an enclosing block are part of its branch (kept, INSIDE_BLOCK) when
+    the enclosing block chains with a neighbour or nothing inside it could pair; a
+    lone enclosing block around a chain leaves the chain to planning."""
+    model = nn.Sequential(*(_Outer(inner) for _ in range(outer)))
+    blocks, _ = find_residuals(normalize(trace(model)))
+    enclosing = [b for b in blocks if "." not in b.name]
+    inner_blocks = [b for b in blocks if b not in enclosing]
+    assert len(enclosing) == outer and len(inner_blocks) == outer * inner
+    assert all(b.kept is None for b in enclosing)
+    want = (KeptReason.INSIDE_BLOCK, f"part of the branch of {enclosing[0].name}")
+    assert [b.kept for b in inner_blocks[:inner]] == [want if inside else None] * inner
