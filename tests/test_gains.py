@@ -13,9 +13,12 @@ unchanged, and the exact original function where nothing converts.
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from adversarial.checks import Subject, run_subject
+from equivalence import compare_with_reference
 from timm.layers import SEModule
 from timm.models.nfnet import NormFreeBlock
 from torch import nn
@@ -259,3 +262,45 @@ def test_a_chain_inside_a_lone_residual_converts_instead() -> None:
     """The global residual has no partner: its chain of four blocks converts."""
     report = _checked(GlobalResidual)
     assert _fates(report) == [("F", None), ("G", None)] * 2 + [("kept", "nested")]
+
+
+# ----------------------------------------------------------------- timm models
+
+
+def _timm_report(
+    name: str, split: str
+) -> tuple[nn.Module, torch.Tensor, revcompile.ConversionReport]:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    gm = revcompile.convert(model, x, split=split)
+    return gm, x, revcompile.report(gm)
+
+
+def _codes(report: revcompile.ConversionReport) -> collections.Counter:
+    return collections.Counter(b.code if b.fate == "kept" else "reversible" for b in report.blocks)
+
+
+TIMM_MODELS = {
+    # NF-nets: NormFreeBlock is traced (its alpha/beta gains and skip-init stay in the
+    # branch); nf_resnet26's stages of two leave one odd block each after the downsampling one
+    "nf_resnet26": {"projection": 4, "odd_leftover": 4},
+    "nfnet_l0": {"projection": 4, "reversible": 6, "odd_leftover": 2},
+    "rexnet_100": {"partial_channels": 11},
+    # GRN's add is part of each block's branch (was: every block kept as nested)
+    "convnextv2_atto": {"reversible": 12, "inside_block": 12},
+    # the hierarchical adds are part of each bottleneck's branch (was: nested)
+    "res2net50_14w_8s": {"projection": 4, "reversible": 10, "odd_leftover": 2, "inside_block": 72},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_models_blocks_and_float64_gradients(name: str) -> None:
+    """``split="auto"``: the blocks' fates, and the converted network's float64
+    training step equals its own ``reference_mode()`` step."""
+    gm, x, report = _timm_report(name, "auto")
+    assert _codes(report) == TIMM_MODELS[name]
+    compare_with_reference(gm, x, rtol=1e-9)
