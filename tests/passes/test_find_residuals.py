@@ -391,8 +391,9 @@ def test_a_scaled_shortcut_is_a_block_kept_with_its_reason(spelling) -> None:
         lambda m, x: x + m.c * m.f(x),
         lambda m, x: m.f(x) * 0.2 + x,
         lambda m, x: x + m.f(torch.relu(x) * 1.5) * m.c,
+        lambda m, x: x + m.f(x) * torch.sigmoid(x.mean((2, 3), keepdim=True)),
     ],
-    ids=["x+gain*f", "f*alpha+x", "x+f(act(x)*beta)*gain"],
+    ids=["x+gain*f", "f*alpha+x", "x+f(act(x)*beta)*gain", "x+f*sigmoid(gate(x))"],
 )
 def test_gains_of_the_branch_stay_in_the_branch(spelling) -> None:
     (block,) = _blocks(spelling)
