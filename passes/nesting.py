@@ -38,13 +38,13 @@ def resolve_nesting(blocks: list[ResidualBlock]) -> None:
     inside a marked one is marked with the outermost name.
     """
     regions = {block: set(block.region) for block in blocks}
-    inside = {outer: [b for b in blocks if b.join in regions[outer]] for outer in blocks}
+    around = {b: frozenset(o for o in blocks if b.join in regions[o]) for b in blocks}
+    inside = {outer: [b for b in blocks if outer in around[b]] for outer in blocks}
     # Chains of one level: a block inside the next one's branch may share its fork.
     levels: dict[frozenset[ResidualBlock], list[ResidualBlock]] = {}
     for block in blocks:
         if _candidate(block):
-            around = frozenset(outer for outer in blocks if block in inside[outer])
-            levels.setdefault(around, []).append(block)
+            levels.setdefault(around[block], []).append(block)
     length = {
         block: len(chain)
         for level in levels.values()
