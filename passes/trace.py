@@ -19,7 +19,8 @@ through):
   run-time read of the converted module's flag, or the model is refused;
 - revcompile's own runtime modules (``ReversibleSequence``,
   ``AdditiveCoupling``), so converted models can be analysed again;
-- timm's registered no-trace modules and functions, when timm is installed.
+- timm's registered no-trace modules and functions, when timm is installed
+  (but ``TRACED_TIMM_CLASS_NAMES``: NF-nets' block is traced through).
 
 What else fx would silently change is preserved or refused (see
 ``passes.trace_guards``): grad-mode regions, the user's checkpoint calls,
