@@ -16,8 +16,14 @@ For every add-like node ``join`` (``operator.add``, ``operator.iadd``,
    block (only chaining, which planning checks).
 3. Identity shortcut iff ``fork`` is an operand of ``join``, or ``0 + fork``
    is (Python's ``sum([x, f(x)])``; the ``0 +`` lies in the region, so a
-   converted block drops it with the rest of the block). Otherwise the
-   operand whose exclusive path has no nonlinearity (an activation, or a
+   converted block drops it with the rest of the block). Gains of the branch
+   (``x + gamma * f(x)``, NF-nets' ``f(act(x) * beta) * alpha + x``, skip-init
+   ``out.mul_(gain)``) are region nodes: a coupling keeps them in its branch.
+   An identity block whose shortcut is added to a channel slice of a wider
+   branch output (ReXNet) is kept (``ResidualBlock.kept``: partial channels).
+   An operand ``fork * c`` (``c`` a number or a gain computed from parameters)
+   is a scaled shortcut, kept: ``y1 = c * x1 + F(x2)`` is no additive
+   coupling. Otherwise the operand whose exclusive path has no nonlinearity (an activation, or a
    norm-activation module such as timm's BatchNormAct2d) is a projection
    shortcut (1x1 conv + norm, subsample + zero-pad, pooling); when both or neither
    operand has one, the add joins parallel branches (Inception-style) and is
@@ -42,6 +48,7 @@ statements such as ``out.add_(x)`` joins of the data flow.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -49,6 +56,7 @@ import networkx as nx
 import torch
 from revcompile.passes.graph_utils import common_module_prefix, graph_position, module_path
 from revcompile.passes.ir import RejectedAdd, ResidualBlock
+from revcompile.passes.nesting import resolve_nesting
 from revcompile.passes.normalize import hidden_writes
 from revcompile.passes.ops import (
     ACTIVATION_NAMES,
@@ -56,9 +64,12 @@ from revcompile.passes.ops import (
     activation_name,
     has_side_effect,
     is_add,
+    is_scale,
     op_name,
 )
 from torch.fx import GraphModule, Node
+
+from revcompile.conversion_report import KeptReason
 
 
 class _Virtual:
@@ -85,7 +96,8 @@ def find_residuals(gm: GraphModule) -> tuple[list[ResidualBlock], list[RejectedA
     as the ``join`` of a ResidualBlock or as a RejectedAdd; both lists are in
     graph order. Block names are unique: the innermost module whose forward
     holds the add (``layer3.4``), else the common module prefix of the region,
-    else the add node's name. ``gm`` is not modified.
+    else the add node's name. Of nested blocks, those inside an enclosing block
+    that converts as a whole are kept (``passes.nesting``). ``gm`` is not modified.
     """
     flow = _dataflow_graph(gm)
     graph = _Graph(
@@ -103,6 +115,7 @@ def find_residuals(gm: GraphModule) -> tuple[list[ResidualBlock], list[RejectedA
         found = _analyse_add(graph, node)
         (blocks if isinstance(found, ResidualBlock) else rejected).append(found)
     _make_names_unique(blocks)
+    resolve_nesting(blocks)
     return blocks, rejected
 
 
@@ -283,10 +296,16 @@ def _analyse_add(graph: _Graph, join: Node) -> ResidualBlock | RejectedAdd:
         )
     ]
     zero_added = [op for op in operands if _zero_add_input(op) is fork]
+    kept = None
     if fork in operands or zero_added:
         shortcut_out = fork if fork in operands else zero_added[0]
         branch_out = second if first is shortcut_out else first
         shortcut = "identity"
+        kept = _partial_channels(branch_out, tapped)
+    elif (scaled := _scaled_shortcut(fork, operands, dominator)) is not None:
+        shortcut_out, kept = scaled
+        branch_out = second if first is shortcut_out else first
+        shortcut = "projection"
     else:
         projection = _projection_operand(gm, fork, first, second, dominator)
         if projection is None:
@@ -313,6 +332,58 @@ def _analyse_add(graph: _Graph, join: Node) -> ResidualBlock | RejectedAdd:
         post_op=_post_op(gm, join),
         tapped=tapped,
         branch_scale=scale,
+        kept=kept,
+    )
+
+
+def _scaled_shortcut(
+    fork: Node, operands: tuple[Node, Node], dominator: dict
+) -> tuple[Node, tuple[KeptReason, str]] | None:
+    """The operand ``fork * c`` / ``fork / c`` (``c`` a number or a value computed
+    from parameters alone: a gain), when exactly one operand is one, with the
+    reason the block is kept: ``y1 = c * x1 + F(x2)`` is no additive coupling."""
+    found = []
+    for operand in operands:
+        if not (is_scale(operand) and not operand.kwargs and len(operand.args) == 2):
+            continue
+        divides = operand.target in (operator.truediv, torch.div, "div", "div_")
+        # c * x scales x as x * c does; c / x does not
+        tensor, gain = operand.args if divides or operand.args[0] is fork else operand.args[::-1]
+        if tensor is fork and not (isinstance(gain, Node) and gain in dominator):
+            shown = gain.name if isinstance(gain, Node) else repr(gain)
+            found.append((operand, shown))
+    if len(found) != 1:
+        return None
+    ((operand, shown),) = found
+    detail = (
+        f"{operand.name} ({op_name(operand)} by {shown}) scales its shortcut: an additive "
+        "coupling adds its branch to an unscaled trunk"
+    )
+    return operand, (KeptReason.SCALED_SHORTCUT, detail)
+
+
+def _partial_channels(branch_out: Node, tapped: list[Node]) -> tuple[KeptReason, str] | None:
+    """Why a block whose shortcut is added to a channel slice of a wider branch
+    output (ReXNet: ``torch.cat([h[:, :C] + x, h[:, C:]], 1)``) is kept, or None:
+    the other channels of ``h`` bypass the add, so the block's output is wider
+    than its input and is no coupling."""
+    if not (branch_out.op == "call_function" and branch_out.target is operator.getitem):
+        return None
+    sliced, index = branch_out.args
+    if sliced not in tapped or not isinstance(index, tuple):
+        return None
+    bounded = [
+        (dim, part)
+        for dim, part in enumerate(index)
+        if not (isinstance(part, slice) and part == slice(None))
+    ]
+    if len(bounded) != 1 or not isinstance(bounded[0][1], slice):
+        return None
+    dim, part = bounded[0]
+    start = 0 if part.start is None else part.start
+    return KeptReason.PARTIAL_CHANNELS, (
+        f"the shortcut is added to {sliced.name}[{start}:{part.stop}] along dim {dim}; "
+        "its other channels bypass the add"
     )
 
 

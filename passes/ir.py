@@ -49,6 +49,9 @@ class ResidualBlock:
     tapped: list[Node] = field(default_factory=list)
     branch_scale: float = 1.0
     """``a`` of ``torch.add(x, f, alpha=a)``: a coupling adds ``a * f``."""
+    kept: tuple[KeptReason, str] | None = None
+    """Why the block must stay as it is, when its shape alone says so (a scaled
+    shortcut, a partial-channel add, a block inside another): planning keeps it."""
 
     @property
     def output(self) -> Node:

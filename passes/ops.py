@@ -316,3 +316,17 @@ def grad_mode_set(node: Node) -> bool | None:
     if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
         return bool(node.args[0]) if node.args else None
     return None
+
+
+# ---------------------------------------------------------------- scalings
+
+SCALE_FUNCTIONS = (operator.mul, operator.imul, operator.truediv, torch.mul, torch.div)
+SCALE_METHODS = frozenset({"mul", "mul_", "div", "div_"})
+
+
+def is_scale(node: Node) -> bool:
+    """True for a product or quotient node (``x * c``, ``torch.mul``, ``x.div(c)``):
+    what scales a tensor by a constant or a gain, when one operand is one."""
+    if node.op == "call_function":
+        return any(node.target is scale for scale in SCALE_FUNCTIONS)
+    return node.op == "call_method" and node.target in SCALE_METHODS

@@ -266,6 +266,8 @@ def _kept_reason(
 ) -> tuple[KeptReason, str] | None:
     """Why ``block`` must stay an ordinary residual block, with the detail;
     None for a candidate."""
+    if block.kept is not None:
+        return block.kept
     if block.shortcut == "projection":
         return KeptReason.PROJECTION, ""
     if block.tapped:
@@ -279,7 +281,7 @@ def _kept_reason(
         )
         return KeptReason.TAPPED, f"{tapped} read by {readers}"
     region = set(block.region)
-    nested = [other.name for other in blocks if other.join in region]
+    nested = [other.name for other in blocks if other.join in region and other.kept is None]
     if nested:
         return KeptReason.NESTED, ", ".join(nested)
     if shapes_known:

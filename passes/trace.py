@@ -19,7 +19,8 @@ through):
   run-time read of the converted module's flag, or the model is refused;
 - revcompile's own runtime modules (``ReversibleSequence``,
   ``AdditiveCoupling``), so converted models can be analysed again;
-- timm's registered no-trace modules and functions, when timm is installed;
+- timm's registered no-trace modules and functions, when timm is installed
+  (but ``TRACED_TIMM_CLASS_NAMES``: NF-nets' block is traced through);
 - every module with hooks of its own (``register_forward_hook``, feature
   extraction, debugging), so that its hooks run at run time as in the original
   (the root's hooks are refused: the converted module would not run them).
@@ -64,6 +65,11 @@ LEAF_CLASS_NAMES = frozenset({"FrozenBatchNorm2d"})
 
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
 
+TRACED_TIMM_CLASS_NAMES = frozenset({"NormFreeBlock"})
+"""timm no-trace modules traced through all the same: timm lists NF-nets' block
+because fx drops its ``out.mul_(self.skipinit_gain)`` statement, which
+``passes.normalize`` keeps as a side effect."""
+
 
 def timm_notrace_registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     """timm's registered no-trace module classes and functions; empty without timm."""
@@ -74,7 +80,8 @@ def timm_notrace_registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
             from timm.models._features_fx import get_notrace_functions, get_notrace_modules
         except ImportError:
             return (), ()
-    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+    modules = [m for m in get_notrace_modules() if m.__name__ not in TRACED_TIMM_CLASS_NAMES]
+    return tuple(modules), tuple(get_notrace_functions())
 
 
 _AUGMENTED_ASSIGNMENTS = (

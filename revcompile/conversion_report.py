@@ -35,6 +35,9 @@ class KeptReason(Enum):
     PRESERVED = "preserve_function"
     STATE_WRITTEN_LATER = "state_written_later"
     HOOKED = "hooked"
+    SCALED_SHORTCUT = "scaled_shortcut"
+    PARTIAL_CHANNELS = "partial_channels"
+    INSIDE_BLOCK = "inside_block"
 
     @property
     def words(self) -> str:
@@ -59,6 +62,11 @@ _KEPT_WORDS = {
         "reads a parameter or buffer that the forward writes in place later"
     ),
     KeptReason.HOOKED: "a layer of its branch has hooks (kept so that they run as before)",
+    KeptReason.SCALED_SHORTCUT: "the shortcut is scaled (an additive coupling cannot scale it)",
+    KeptReason.PARTIAL_CHANNELS: "partial-channel residual: the shortcut is added to some "
+    "channels of a wider branch output",
+    KeptReason.INSIDE_BLOCK: "inside the branch of an enclosing identity block, "
+    "planned as part of it",
 }
 
 

@@ -23,13 +23,14 @@ from equivalence import compare_with_reference
 from original_function import assert_same_function, assert_state_unchanged, state_snapshot
 from revcompile.passes.find_residuals import find_residuals
 from revcompile.passes.normalize import normalize
-from revcompile.passes.ops import is_add
+from revcompile.passes.ops import is_add, is_scale
 from revcompile.passes.shape_prop import propagate_shapes
 from revcompile.passes.trace import trace
 from timm.layers import DropPath
 from torch import nn
 
 import revcompile
+from revcompile.conversion_report import KeptReason
 
 C = 8
 IMAGE = (2, C, 6, 6)
@@ -342,3 +343,136 @@ def test_a_state_write_inside_the_block_rejects_it() -> None:
     blocks, rejected = find_residuals(normalize(gm))
     assert not blocks
     assert any("writes in place" in r.reason for r in rejected)
+
+
+# ----------------------------------------------------------------- scaled and gated (issue 14)
+
+
+class _Gained(nn.Module):
+    """``spelling(self, x)`` with a conv branch ``f``, a scalar gain ``c`` and a constant."""
+
+    def __init__(self, spelling: Callable[[_Gained, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.f = _convs()
+        self.c = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spelling(self, x)
+
+
+def _blocks(spelling: Callable[[_Gained, torch.Tensor], torch.Tensor]) -> list:
+    blocks, rejected = find_residuals(normalize(trace(_Gained(spelling))))
+    assert not rejected
+    return blocks
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda m, x: x * 0.5 + m.f(x),
+        lambda m, x: 0.5 * x + m.f(x),
+        lambda m, x: m.f(x) + x / 2,
+        lambda m, x: torch.mul(x, m.c) + m.f(x),
+        lambda m, x: m.f(x) + x.mul(m.c.exp()),
+    ],
+    ids=["x*0.5", "0.5*x", "x/2", "torch.mul(x,gain)", "x.mul(exp(gain))"],
+)
+def test_a_scaled_shortcut_is_a_block_kept_with_its_reason(spelling) -> None:
+    (block,) = _blocks(spelling)
+    assert block.kept is not None and block.kept[0] is KeptReason.SCALED_SHORTCUT
+    assert block.shortcut_out.all_input_nodes[0] is block.fork
+    assert "scales its shortcut" in block.kept[1]
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda m, x: x + m.c * m.f(x),
+        lambda m, x: m.f(x) * 0.2 + x,
+        lambda m, x: x + m.f(torch.relu(x) * 1.5) * m.c,
+        lambda m, x: x + m.f(x) * torch.sigmoid(x.mean((2, 3), keepdim=True)),
+    ],
+    ids=["x+gain*f", "f*alpha+x", "x+f(act(x)*beta)*gain", "x+f*sigmoid(gate(x))"],
+)
+def test_gains_of_the_branch_stay_in_the_branch(spelling) -> None:
+    (block,) = _blocks(spelling)
+    assert (block.shortcut, block.kept, block.shortcut_out) == ("identity", None, block.fork)
+    assert is_scale(block.branch_out) and block.branch_out in block.region
+
+
+def test_timm_normfree_block_is_traced_through() -> None:
+    """timm lists NormFreeBlock as not traceable (fx drops ``out.mul_(skipinit_gain)``);
+    the trace keeps the statement, so the block and its in-place gain are seen."""
+    from timm.models.nfnet import NormFreeBlock
+
+    block = NormFreeBlock(C, C, bottle_ratio=1.0, skipinit=True, act_layer=nn.SiLU)
+    gm = normalize(trace(nn.Sequential(block, copy.deepcopy(block))))
+    blocks, rejected = find_residuals(gm)
+    assert [(b.shortcut, b.kept) for b in blocks] == [("identity", None)] * 2 and not rejected
+    gains = [n for n in blocks[0].region if n.op == "call_method" and n.target == "mul_"]
+    assert len(gains) == 1
+
+
+# ----------------------------------------------------------------- partial channels (issue 14)
+
+
+class PartialChannels(nn.Module):
+    """timm's ReXNet block: the shortcut is added to the first C channels of a wider
+    output, ``torch.cat([h[:, 0:C] + x, h[:, C:]], dim=1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(C, 2 * C, 1), nn.ReLU(), nn.Conv2d(2 * C, C + 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.f(x)
+        return torch.cat([h[:, 0:C] + x, h[:, C:]], dim=1)
+
+
+def test_a_partial_channel_residual_is_kept_with_its_reason() -> None:
+    (block,) = find_residuals(normalize(trace(PartialChannels())))[0]
+    assert block.shortcut == "identity"
+    assert block.kept is not None and block.kept[0] is KeptReason.PARTIAL_CHANNELS
+    assert "[0:8] along dim 1" in block.kept[1]
+
+
+# ----------------------------------------------------------------- nested residuals (issue 14)
+
+
+class _Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = _convs()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+class _Outer(nn.Module):
+    """``x + conv(inner blocks(x))`` with ``inner`` identity blocks inside."""
+
+    def __init__(self, inner: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*(_Inner() for _ in range(inner)), nn.Conv2d(C, C, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+@pytest.mark.parametrize(
+    ("outer", "inner", "inside"),
+    [(2, 1, True), (2, 2, True), (1, 1, True), (1, 2, False), (1, 0, False)],
+)
+def test_nested_blocks_join_the_enclosing_block_that_can_convert(outer, inner, inside) -> None:
+    """Blocks inside an enclosing block are part of its branch (kept, INSIDE_BLOCK) when
+    the enclosing block chains with a neighbour or nothing inside it could pair; a
+    lone enclosing block around a chain leaves the chain to planning."""
+    model = nn.Sequential(*(_Outer(inner) for _ in range(outer)))
+    blocks, _ = find_residuals(normalize(trace(model)))
+    enclosing = [b for b in blocks if "." not in b.name]
+    inner_blocks = [b for b in blocks if b not in enclosing]
+    assert len(enclosing) == outer and len(inner_blocks) == outer * inner
+    assert all(b.kept is None for b in enclosing)
+    want = (KeptReason.INSIDE_BLOCK, f"part of the branch of {enclosing[0].name}")
+    assert [b.kept for b in inner_blocks[:inner]] == [want if inside else None] * inner
