@@ -33,6 +33,7 @@ class KeptReason(Enum):
     KEPT_WHOLE = "kept_whole"
     BUDGET = "budget"
     PRESERVED = "preserve_function"
+    ODD_NOT_SINGLE = "odd_leftover_not_single"
 
     @property
     def words(self) -> str:
@@ -53,6 +54,7 @@ _KEPT_WORDS = {
     KeptReason.KEPT_WHOLE: "inside a module traced as one call",
     KeptReason.BUDGET: "the memory plan stores or checkpoints it instead",
     KeptReason.PRESERVED: "preserve_function=True keeps the network's function",
+    KeptReason.ODD_NOT_SINGLE: "odd leftover that cannot be cut into a single-block coupling",
 }
 
 
@@ -61,7 +63,8 @@ class BlockReport:
     """One residual block (one residual add), in graph order.
 
     ``fate`` is ``"F"`` / ``"G"`` (a branch of a coupling of stage ``stage``),
-    ``"half"`` (a half-coupling) or ``"kept"`` (stays an ordinary residual
+    ``"half"`` (a half-coupling), ``"single"`` (both branches of a coupling, cut
+    from this one block's branch: ``leftover="single"``) or ``"kept"`` (stays an ordinary residual
     block; ``reason`` says why in words, e.g. ``"projection shortcut"``,
     ``code`` is the stable ``KeptReason`` value, e.g. ``"projection"``, and
     ``detail`` the specifics: which op, which reader, which shapes). Reports
@@ -86,6 +89,8 @@ class StageReport:
     couplings: int
     half: bool = False
     split: str = "halve"
+    single: bool = False
+    """Whether the stage ends with a coupling made from one block (``leftover="single"``)."""
 
 
 @dataclass
@@ -159,7 +164,7 @@ class ConversionReport:
     shapes were propagated, so that shape-based checks (broadcasting adds, odd
     channel counts) ran; ``policy`` is the storage policy of the
     non-reversible segments and ``leftover`` what happens to an odd block of a
-    chain (``"store"`` or ``"half"``).
+    chain (``"store"``, ``"half"`` or ``"single"``).
     """
 
     blocks: list[BlockReport] = field(default_factory=list)
@@ -216,6 +221,7 @@ class ConversionReport:
             lines += ["", "stages:"]
             for stage in self.stages:
                 half = " + half-coupling" if stage.half else ""
+                half += " incl. a single-block coupling" if stage.single else ""
                 lines.append(
                     f"  {stage.name}: {stage.blocks[0]} .. {stage.blocks[-1]} "
                     f"({len(stage.blocks)} blocks, {stage.couplings} couplings{half}, "

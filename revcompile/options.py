@@ -20,8 +20,11 @@ from revcompile.runtime import Split as RuntimeSplit
 Policy = Literal["checkpoint", "store"]
 """How non-reversible segments between stages store activations."""
 
-Leftover = Literal["store", "half"]
-"""What the odd last block of a chain becomes: an ordinary block or a half-coupling."""
+Leftover = Literal["store", "half", "single"]
+"""What the odd last block of a chain becomes: an ordinary block (``"store"``), a
+half-coupling ``y1 = x1 + F(x2), y2 = x2`` (``"half"``), or a coupling built from
+that one block, F and G from complementary channel slices of its branch
+(``"single"``)."""
 
 StageSplit = RuntimeSplit
 """How one stage turns its input into the two coupling streams (the runtime's choices)."""

@@ -116,7 +116,8 @@ def sharing_conflicts(
     through the same module or attribute cut the same way (one copy then
     serves them all), and with the rest of the network only when that use is
     direct and no branch cuts it (the unsliced copy replaces the original there
-    too). ``gm`` is not modified.
+    too). The one block of a single-block coupling reaches its layers twice,
+    cut for F and for G; that is not sharing. ``gm`` is not modified.
     """
     sites, absorbed = branch_sites(gm, stages, partitions)
     for node in gm.graph.nodes:
@@ -132,11 +133,14 @@ def sharing_conflicts(
         in_branches = [site for site in uses if site.block is not None]
         outside = [site for site in uses if site.block is None]
         ways = {(site.owner, site.cut) for site in in_branches}
+        one_owner = len({site.owner for site in uses}) == 1
         if not in_branches or (
-            len(ways) == 1
-            and len({site.owner for site in uses}) == 1
-            and (not outside or in_branches[0].cut == (None, None))
+            len(ways) == 1 and one_owner and (not outside or in_branches[0].cut == (None, None))
         ):
+            continue
+        # A single-block coupling's F and G cut one block's layer into complementary
+        # halves: each copy keeps its own part, nothing the original shared is untied.
+        if one_owner and not outside and len({site.block for site in in_branches}) == 1:
             continue
         for site in in_branches:
             others = {
