@@ -1,0 +1,307 @@
+"""What the odd last block of a chain should become: stored, half-coupling or single coupling.
+
+In resnet18/34-style layouts the first block of a stage downsamples, so a
+stage of two blocks leaves one identity block: a chain of odd length. This
+script compares the ``leftover`` choices of ``revcompile.convert`` on such a
+network (digits at 16x16, three stages whose first blocks all
+downsample, widths 8/16/32, ``--blocks`` blocks per stage), trained with the
+recipe of ``examples/train_digits.py`` (SGD with Nesterov momentum, warm-up
+then cosine decay, random shifts and rotations; same batches for every
+variant of a seed), with the images at 16x16 instead of 32x32 (the digits are
+8x8: nothing is lost, and a run fits in minutes on a shared CPU):
+
+* ``store``: the leftover stays an ordinary block (stored or checkpointed);
+* ``half``: a half-coupling ``y1 = x1 + F(x2), y2 = x2``;
+* ``single``: a coupling made from the one block, F and G its branch cut into
+  complementary channel slices, the inner-width layers shared (tied): the
+  block's own parameter count;
+* ``single_untied``: the same, with G's inner-width layers an independent
+  copy (more parameters), to decide between tying and copying;
+* ``original``: the unconverted ResNet (reference accuracy).
+
+Per variant: saved activation bytes of a training batch under both storage
+policies (``revcompile.memory.saved_activation_bytes``), the median step time
+(forward, backward, optimizer step; variants interleaved round-robin, one
+thread) and the final test accuracy over ``--seeds`` seeds.
+
+    python -m benchmarks.leftover            # the committed run (minutes, 1 thread)
+    python -m benchmarks.leftover --quick    # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import revcompile
+from benchmarks.lib.environment import machine_line
+from benchmarks.lib.measure import interleaved_times
+from benchmarks.lib.plots import pyplot, save_figure
+from benchmarks.lib.results import Run, add_results_dir, fixed, print_table
+from examples.train_digits import (
+    BasicBlock,
+    DigitsSplit,
+    Recipe,
+    load_digits_split,
+    train,
+)
+from revcompile.memory import saved_activation_bytes
+from revcompile.report_builder import count_parameters
+from revcompile.runtime import ReversibleSequence
+
+WIDTHS = (8, 16, 32)
+SIZE = 16
+STEM_WIDTH = 8
+VARIANTS = ("original", "store", "half", "single", "single_untied")
+
+
+class OddStages(nn.Module):
+    """A digits ResNet whose every stage starts with a downsampling (projection)
+    block: ``blocks - 1`` identity blocks follow it, an odd chain for even ``blocks``."""
+
+    def __init__(self, blocks: int, widths: tuple[int, ...] = WIDTHS) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, STEM_WIDTH, 3, 1, 1, bias=False), nn.BatchNorm2d(STEM_WIDTH), nn.ReLU()
+        )
+        stages, in_channels = [], STEM_WIDTH
+        for width in widths:
+            stage = [BasicBlock(in_channels, width, 2)]
+            stage += [BasicBlock(width, width, 1) for _ in range(blocks - 1)]
+            stages.append(nn.Sequential(*stage))
+            in_channels = width
+        self.stages = nn.Sequential(*stages)
+        self.classifier = nn.Linear(widths[-1], 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.stages(self.stem(x))
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
+
+
+def untie(gm: nn.Module) -> nn.Module:
+    """``gm`` with the G of every single-block coupling deep-copied: its inner-width
+    layers, shared with F, become an independent copy."""
+    single = {b.stage for b in revcompile.report(gm).blocks if b.fate == "single"}
+    for stage in gm.modules():
+        if isinstance(stage, ReversibleSequence) and stage.name in single:
+            coupling = stage.couplings[-1]  # a single-block coupling ends its stage
+            coupling.G = copy.deepcopy(coupling.G)
+    return gm
+
+
+def build(variant: str, blocks: int, seed: int, example: Tensor, policy: str) -> nn.Module:
+    """The network of ``variant``, from the same initialisation for every variant of ``seed``."""
+    torch.manual_seed(seed)
+    original = OddStages(blocks)
+    if variant == "original":
+        return original
+    leftover = "single" if variant == "single_untied" else variant
+    gm = revcompile.convert(original, example, leftover=leftover, policy=policy)
+    return untie(gm) if variant == "single_untied" else gm
+
+
+def reversible_share(model: nn.Module) -> str:
+    """``converted/identity`` blocks of the conversion report (``-`` for the original)."""
+    try:
+        blocks = revcompile.report(model).blocks
+    except ValueError:
+        return "-"
+    identity = [b for b in blocks if b.shortcut == "identity"]
+    return f"{sum(b.fate != 'kept' for b in identity)}/{len(identity)}"
+
+
+def step_times(
+    blocks: int, data: DigitsSplit, args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    """Median seconds of one training step per variant (interleaved, seed 0)."""
+    x = data.train_images[: args.batch]
+    y = data.train_labels[: args.batch]
+    steps: dict[str, Callable[[], None]] = {}
+    for variant in VARIANTS:
+        model = build(variant, blocks, 0, x, "checkpoint").train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        steps[variant] = step
+    return interleaved_times(steps, torch.device("cpu"), args.warmup, args.repeats)
+
+
+def measure(blocks: int, data: DigitsSplit, recipe: Recipe, args: argparse.Namespace) -> list:
+    """One row per variant and seed: bytes, parameters, accuracy; step time on seed 0's row."""
+    example = data.train_images[: args.batch]
+    times = step_times(blocks, data, args)
+    rows = []
+    for seed in range(args.seeds):
+        for variant in VARIANTS:
+            model = build(variant, blocks, seed, example, "checkpoint")
+            stored = build(variant, blocks, seed, example, "store")
+            row: dict[str, Any] = {
+                "blocks_per_stage": blocks,
+                "variant": variant,
+                "seed": seed,
+                "reversible": reversible_share(model),
+                "parameters": count_parameters(model),
+                "saved_bytes_checkpoint": saved_activation_bytes(model.train(), example),
+                "saved_bytes_store": saved_activation_bytes(stored.train(), example),
+            }
+            if seed == 0:
+                row["step_s"] = times[variant].get("median_s")
+            result = train(model, variant, seed, data, recipe, show_progress=False)
+            row["test_accuracy"] = result.final_test_accuracy
+            row["train_seconds"] = result.wall_seconds
+            rows.append(row)
+            print(f"blocks {blocks} {variant} seed {seed}: {result.final_test_accuracy:.2f}%")
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (blocks, variant): the seed-0 measurements, accuracy mean/min/max over seeds."""
+    summary = []
+    for blocks in sorted({r["blocks_per_stage"] for r in rows}):
+        for variant in VARIANTS:
+            mine = [r for r in rows if r["blocks_per_stage"] == blocks and r["variant"] == variant]
+            first = next(r for r in mine if r["seed"] == 0)
+            accuracy = [r["test_accuracy"] for r in mine]
+            summary.append(
+                {
+                    **{k: first[k] for k in ("blocks_per_stage", "variant", "reversible")},
+                    **{k: first[k] for k in ("parameters", "saved_bytes_checkpoint")},
+                    "saved_bytes_store": first["saved_bytes_store"],
+                    "step_s": first.get("step_s"),
+                    "accuracy_mean": statistics.mean(accuracy),
+                    "accuracy_min": min(accuracy),
+                    "accuracy_max": max(accuracy),
+                    "seeds": len(accuracy),
+                }
+            )
+    return summary
+
+
+def table(summary: list[dict[str, Any]], args: argparse.Namespace, meta: dict) -> str:
+    return print_table(
+        f"Odd leftovers: digits {SIZE}x{SIZE}, widths {'/'.join(map(str, WIDTHS))}, "
+        f"every stage's first block downsamples, batch {args.batch}, {args.epochs} epochs, "
+        f"{args.seeds} seeds, 1 thread — {machine_line(meta['machine'])}",
+        [
+            "blocks/stage",
+            "leftover",
+            "reversible identity blocks",
+            "params",
+            "saved KiB (checkpoint)",
+            "saved KiB (store)",
+            "step ms (median)",
+            "test acc % mean [min, max]",
+        ],
+        [
+            [
+                s["blocks_per_stage"],
+                s["variant"],
+                s["reversible"],
+                f"{s['parameters']:,}",
+                f"{s['saved_bytes_checkpoint'] / 1024:,.0f}",
+                f"{s['saved_bytes_store'] / 1024:,.0f}",
+                "-" if s["step_s"] is None else fixed(1000 * s["step_s"], 1),
+                f"{s['accuracy_mean']:.2f} [{s['accuracy_min']:.2f}, {s['accuracy_max']:.2f}]",
+            ]
+            for s in summary
+        ],
+    )
+
+
+def plot(summary: list[dict[str, Any]], stem: Any) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    depths = sorted({s["blocks_per_stage"] for s in summary})
+    for ax, key, label in (
+        (axes[0], "saved_bytes_store", "saved KiB (policy=store)"),
+        (axes[1], "step_s", "step ms (median)"),
+        (axes[2], "accuracy_mean", "test accuracy % (mean)"),
+    ):
+        for offset, variant in enumerate(VARIANTS):
+            values = [
+                next(
+                    s[key] for s in summary if (s["blocks_per_stage"], s["variant"]) == (d, variant)
+                )
+                for d in depths
+            ]
+            scale = 1 / 1024 if key.startswith("saved") else 1000 if key == "step_s" else 1
+            ax.bar(
+                [i + 0.16 * offset for i in range(len(depths))],
+                [scale * (v or 0) for v in values],
+                width=0.16,
+                label=variant,
+            )
+        ax.set_xticks([i + 0.32 for i in range(len(depths))], [f"{d} blocks" for d in depths])
+        ax.set_ylabel(label)
+    axes[2].set_ylim(bottom=min(s["accuracy_min"] for s in summary) - 2)
+    axes[0].legend(fontsize=8)
+    save_figure(fig, stem, "leftover: store / half / single")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[2, 4], help="blocks per stage")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured timing rounds")
+    parser.add_argument("--repeats", type=int, default=15, help="measured timing rounds")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="small smoke-test configuration")
+    add_results_dir(parser)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.blocks, args.seeds, args.epochs, args.warmup, args.repeats = [2], 1, 1, 1, 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, run = Run.from_command_line("leftover", parse_args, argv)
+    torch.set_num_threads(args.threads)
+    recipe = Recipe(
+        epochs=args.epochs,
+        batch_size=args.batch,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        warmup_fraction=0.2,
+        max_shift_px=1.0,  # 2 px at 32x32
+        max_degrees=10.0,
+    )
+    config = ("blocks", "seeds", "epochs", "batch", "warmup", "repeats", "threads")
+    run.meta["config"] = {k: getattr(args, k) for k in config} | {"widths": WIDTHS}
+    run.meta["recipe"] = vars(recipe)
+    data = load_digits_split(test_fraction=0.25)
+    data.train_images, data.test_images = (
+        F.interpolate(images, size=SIZE, mode="bilinear", align_corners=False)
+        for images in (data.train_images, data.test_images)
+    )
+    if args.quick:
+        data.train_images, data.train_labels = data.train_images[:256], data.train_labels[:256]
+    rows: list[dict[str, Any]] = []
+    for blocks in args.blocks:
+        rows += measure(blocks, data, recipe, args)
+        run.write_partial(rows)
+    summary = summarize(rows)
+    run.meta["summary"] = summary
+    run.finish()
+    run.write(rows)
+    run.write_markdown([table(summary, args, run.meta)])
+    plot(summary, run.stem)
+    run.report()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
