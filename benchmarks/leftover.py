@@ -13,10 +13,11 @@ variant of a seed), with the images at 16x16 instead of 32x32 (the digits are
 * ``store``: the leftover stays an ordinary block (stored or checkpointed);
 * ``half``: a half-coupling ``y1 = x1 + F(x2), y2 = x2``;
 * ``single``: a coupling made from the one block, F and G its branch cut into
-  complementary channel slices, the inner-width layers shared (tied): the
-  block's own parameter count;
-* ``single_untied``: the same, with G's inner-width layers an independent
-  copy (more parameters), to decide between tying and copying;
+  complementary channel slices, G with its own copy of the inner-width layers
+  (what ``convert`` builds);
+* ``single_tied``: the same with G's inner-width layers tied to F's (one
+  parameter set, BatchNorm statistics shared: the block's own parameter
+  count), to decide between tying and copying;
 * ``original``: the unconverted ResNet (reference accuracy).
 
 Per variant: saved activation bytes of a training batch under both storage
@@ -31,7 +32,6 @@ thread) and the final test accuracy over ``--seeds`` seeds.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -59,7 +59,7 @@ from revcompile.runtime import ReversibleSequence
 WIDTHS = (8, 16, 32)
 SIZE = 16
 STEM_WIDTH = 8
-VARIANTS = ("original", "store", "half", "single", "single_untied")
+VARIANTS = ("original", "store", "half", "single", "single_tied")
 
 
 class OddStages(nn.Module):
@@ -85,14 +85,24 @@ class OddStages(nn.Module):
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
 
 
-def untie(gm: nn.Module) -> nn.Module:
-    """``gm`` with the G of every single-block coupling deep-copied: its inner-width
-    layers, shared with F, become an independent copy."""
+def tie(gm: nn.Module, original: nn.Module) -> nn.Module:
+    """``gm`` with the inner-width layers of every single-block coupling's G replaced
+    by F's: the leaf modules whose tensors keep the original's shapes (cut layers
+    lose half of a dimension)."""
     single = {b.stage for b in revcompile.report(gm).blocks if b.fate == "single"}
     for stage in gm.modules():
-        if isinstance(stage, ReversibleSequence) and stage.name in single:
-            coupling = stage.couplings[-1]  # a single-block coupling ends its stage
-            coupling.G = copy.deepcopy(coupling.G)
+        if not (isinstance(stage, ReversibleSequence) and stage.name in single):
+            continue
+        coupling = stage.couplings[-1]  # a single-block coupling ends its stage
+        for path, module in list(coupling.G.named_modules()):
+            tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+            source = dict(original.named_modules()).get(path)
+            if module._modules or not tensors or source is None:
+                continue
+            shapes = {k: v.shape for k, v in source.state_dict().items()}
+            if shapes == {k: v.shape for k, v in module.state_dict().items()}:
+                owner, _, name = path.rpartition(".")
+                setattr(coupling.G.get_submodule(owner), name, coupling.F.get_submodule(path))
     return gm
 
 
@@ -102,9 +112,9 @@ def build(variant: str, blocks: int, seed: int, example: Tensor, policy: str) ->
     original = OddStages(blocks)
     if variant == "original":
         return original
-    leftover = "single" if variant == "single_untied" else variant
+    leftover = "single" if variant == "single_tied" else variant
     gm = revcompile.convert(original, example, leftover=leftover, policy=policy)
-    return untie(gm) if variant == "single_untied" else gm
+    return tie(gm, original) if variant == "single_tied" else gm
 
 
 def reversible_share(model: nn.Module) -> str:
@@ -159,6 +169,7 @@ def measure(blocks: int, data: DigitsSplit, recipe: Recipe, args: argparse.Names
                 row["step_s"] = times[variant].get("median_s")
             result = train(model, variant, seed, data, recipe, show_progress=False)
             row["test_accuracy"] = result.final_test_accuracy
+            row["final_train_loss"] = result.train_loss[-1]
             row["train_seconds"] = result.wall_seconds
             rows.append(row)
             print(f"blocks {blocks} {variant} seed {seed}: {result.final_test_accuracy:.2f}%")
@@ -173,6 +184,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             mine = [r for r in rows if r["blocks_per_stage"] == blocks and r["variant"] == variant]
             first = next(r for r in mine if r["seed"] == 0)
             accuracy = [r["test_accuracy"] for r in mine]
+            loss = [r["final_train_loss"] for r in mine]
             summary.append(
                 {
                     **{k: first[k] for k in ("blocks_per_stage", "variant", "reversible")},
@@ -182,6 +194,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "accuracy_mean": statistics.mean(accuracy),
                     "accuracy_min": min(accuracy),
                     "accuracy_max": max(accuracy),
+                    "train_loss_mean": statistics.mean(loss),
                     "seeds": len(accuracy),
                 }
             )
@@ -202,6 +215,7 @@ def table(summary: list[dict[str, Any]], args: argparse.Namespace, meta: dict) -
             "saved KiB (store)",
             "step ms (median)",
             "test acc % mean [min, max]",
+            "final train loss (mean)",
         ],
         [
             [
@@ -213,6 +227,7 @@ def table(summary: list[dict[str, Any]], args: argparse.Namespace, meta: dict) -
                 f"{s['saved_bytes_store'] / 1024:,.0f}",
                 "-" if s["step_s"] is None else fixed(1000 * s["step_s"], 1),
                 f"{s['accuracy_mean']:.2f} [{s['accuracy_min']:.2f}, {s['accuracy_max']:.2f}]",
+                fixed(s["train_loss_mean"], 4),
             ]
             for s in summary
         ],

@@ -2,8 +2,9 @@
 
 F and G come from complementary channel slices of the one block's branch: F
 reads x2 and writes the first half of the branch output, G reads y1 and writes
-the second half; the layers of the inner width are shared (one copy, tied), so
-the coupling has exactly the block's parameters.
+the second half; the layers of the inner width are copied for G (not tied to F's: tying them
+cost accuracy in benchmarks/leftover.py), so the coupling has the block's
+parameters plus one more copy of its inner-width layers.
 """
 
 from __future__ import annotations
@@ -151,8 +152,9 @@ def test_single_coupling_inverts_its_forward() -> None:
 
 
 def test_single_slices_the_block_complementarily() -> None:
-    """F reads x2 and writes y1's half, G reads y1 and writes y2's half; with the inner
-    layers shared, the two halves of the cut layers put together are the block's layers."""
+    """F reads x2 and writes y1's half, G reads y1 and writes y2's half: the two halves
+    of each cut layer put together are the block's layer. The inner-width layers
+    (here bn1) are copied for G, not tied to F's (benchmarks/leftover.py)."""
     torch.manual_seed(0)
     x = torch.randn(X)
     model = OddChain(basic, n=1)
@@ -167,13 +169,36 @@ def test_single_slices_the_block_complementarily() -> None:
         [f.get_submodule("blocks.0.conv2").weight, g.get_submodule("blocks.0.conv2").weight], 0
     )
     assert torch.equal(conv1, block.conv1.weight) and torch.equal(conv2, block.conv2.weight)
-    assert f.get_submodule("blocks.0.bn1") is g.get_submodule("blocks.0.bn1")  # inner width: tied
-    assert count_parameters(gm) == count_parameters(model)
+    f_bn1, g_bn1 = f.get_submodule("blocks.0.bn1"), g.get_submodule("blocks.0.bn1")
+    assert f_bn1 is not g_bn1 and f_bn1.weight is not g_bn1.weight
+    assert torch.equal(f_bn1.weight, block.bn1.weight) and torch.equal(g_bn1.weight, f_bn1.weight)
+    inner = sum(p.numel() for p in block.bn1.parameters())
+    assert count_parameters(gm) == count_parameters(model) + inner
     report = revcompile.report(gm)
-    assert report.params_after == report.params_before
-    # state_dict: the tied module under both F and G, the cut layers once each
-    keys = {k for k in gm.state_dict() if "blocks.0" in k}
-    assert {"F", "G"} == {k.split(".")[3] for k in keys if k.endswith("bn1.weight")}
+    assert report.params_after == report.params_before + inner
+    # state_dict: every tensor of the block once in F and once in G
+    keys = [k.split(".", 3)[3] for k in gm.state_dict() if ".blocks.0." in k]
+    assert sorted(keys) == sorted(f"{b}.blocks.0.{k}" for k in block.state_dict() for b in "FG")
+
+
+class SharedInner(OddChain):
+    """The head reuses the block's inner BatchNorm: G's own copy would untie it."""
+
+    def __init__(self) -> None:
+        super().__init__(basic, n=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks[0].bn1(self.blocks(self.stem(x)))
+        return self.head(out.mean((2, 3)))
+
+
+def test_a_single_block_sharing_an_inner_layer_is_kept() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(X, dtype=torch.float64)
+    gm = convert64(SharedInner(), x, leftover="single")
+    (block,) = revcompile.report(gm).blocks
+    assert (block.fate, block.code) == ("kept", KeptReason.SHARES_WEIGHTS.value)
+    assert "bn1" in block.detail
 
 
 def test_single_is_a_function_of_the_sliced_branch() -> None:
