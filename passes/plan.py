@@ -55,7 +55,7 @@ def plan(
     rejected: list[RejectedAdd],
     partitions: Mapping[ResidualBlock, BranchPartition],
     *,
-    leftover: Leftover = "store",
+    leftover: Leftover = options.DEFAULT_LEFTOVER,
     split: Split = "halve",
 ) -> Plan:
     """Classify, chain and pair the residual blocks of ``gm``.

@@ -13,7 +13,15 @@ from torch.fx import GraphModule
 from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError
 from revcompile.memory import saved_activation_bytes
-from revcompile.options import Compile, Leftover, MemoryBudget, Policy, Split, compile_keywords
+from revcompile.options import (
+    DEFAULT_LEFTOVER,
+    Compile,
+    Leftover,
+    MemoryBudget,
+    Policy,
+    Split,
+    compile_keywords,
+)
 from revcompile.passes.budget import budget
 from revcompile.passes.cleanup import cleanup
 from revcompile.passes.emit import emit
@@ -72,7 +80,7 @@ def convert(
     example_inputs: ExampleInputs = None,
     *,
     policy: Policy = "checkpoint",
-    leftover: Leftover = "store",
+    leftover: Leftover = DEFAULT_LEFTOVER,
     split: Split = "halve",
     exact: bool = False,
     exact_bits: int = 32,
@@ -100,9 +108,13 @@ def convert(
     segments between stages (stem, downsampling blocks, leftovers, head) in
     backward, so activations are stored only at segment inputs;
     ``"store"`` keeps those segments as ordinary autograd (less recompute).
-    ``leftover``: the odd last block of a chain stays an ordinary block
-    (``"store"``) or becomes a half-coupling ``y1 = x1 + F(x2), y2 = x2``
-    (``"half"``).
+    ``leftover``: the odd last block of a chain becomes a half-coupling
+    ``y1 = x1 + F(x2), y2 = x2`` (``"half"``, default: the same saved bytes
+    and accuracy as ``"single"``, a faster step; ``revcompile.options.DEFAULT_LEFTOVER``),
+    a coupling of its own (``"single"``: F and G are its branch cut into
+    complementary channel slices, ``y1 = x1 + F(x2), y2 = x2 + G(y1)``; it
+    needs a branch and a stage that halve), or stays an ordinary block
+    (``"store"``).
     ``exact=True`` carries each stage's trunk in fixed point (float64 on a
     ``2**-exact_bits`` grid, branch outputs rounded onto it; DESIGN.md §10), so
     the reversible backward reconstructs the forward's inputs bit for bit and
@@ -159,7 +171,7 @@ def pipeline(
     *,
     rewrite: bool,
     policy: Policy = "checkpoint",
-    leftover: Leftover = "store",
+    leftover: Leftover = DEFAULT_LEFTOVER,
     split: Split = "halve",
     exact: bool = False,
     exact_bits: int = 32,

@@ -26,6 +26,16 @@ half-coupling ``y1 = x1 + F(x2), y2 = x2`` (``"half"``), or a coupling built fro
 that one block, F and G from complementary channel slices of its branch
 (``"single"``)."""
 
+DEFAULT_LEFTOVER: Leftover = "half"
+"""The default of ``leftover`` (``convert``, ``analyze``, the CLI, the planning pass).
+
+Measured by ``benchmarks/leftover.py`` (README "Odd leftovers"): ``"half"`` and
+``"single"`` make every identity block of a chain reversible and save the same
+bytes (``"store"`` converts nothing in a stage whose only identity block is
+the leftover); their test accuracy is within seed noise of each other and of
+the stored block, and ``"half"`` takes 16-18% less time per step, with fewer
+parameters (one half-width branch per original block, as in the pairs)."""
+
 StageSplit = RuntimeSplit
 """How one stage turns its input into the two coupling streams (the runtime's choices)."""
 
