@@ -2,9 +2,12 @@
 
 In resnet18/34-style layouts the first block of a stage downsamples, so a
 stage of two blocks leaves one identity block: a chain of odd length. This
-script compares the ``leftover`` choices of ``revcompile.convert`` on such a
-network (digits at 16x16, three stages whose first blocks all
-downsample, widths 8/16/32, ``--blocks`` blocks per stage), trained with the
+script compares the ``leftover`` choices of ``revcompile.convert`` on two such
+digits networks (16x16, widths 8/16/32, two basic blocks per stage): ``odd``,
+whose three stages all start by downsampling (every stage has one identity
+block), and ``resnet18``, the layout of torchvision's resnet18 (the first stage
+is an identity pair, the others downsample and then have one identity block;
+``examples/train_digits.py``'s CifarResNet). They are trained with the
 recipe of ``examples/train_digits.py`` (SGD with Nesterov momentum, warm-up
 then cosine decay, random shifts and rotations; same batches for every
 variant of a seed), with the images at 16x16 instead of 32x32 (the digits are
@@ -21,7 +24,10 @@ variant of a seed), with the images at 16x16 instead of 32x32 (the digits are
 * ``original``: the unconverted ResNet (reference accuracy).
 
 Per variant: saved activation bytes of a training batch under both storage
-policies (``revcompile.memory.saved_activation_bytes``), the median step time
+policies (``revcompile.memory.saved_activation_bytes``), the peak memory of a
+training step at ``--peak-batch`` (``revcompile.memory.peak_step_memory``, a
+fresh process; a checkpointed segment's recomputation holds its activations
+during backward, which saved bytes do not show), the median step time
 (forward, backward, optimizer step; variants interleaved round-robin, one
 thread) and the final test accuracy over ``--seeds`` seeds.
 
@@ -32,6 +38,7 @@ thread) and the final test accuracy over ``--seeds`` seeds.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -47,12 +54,13 @@ from benchmarks.lib.plots import pyplot, save_figure
 from benchmarks.lib.results import Run, add_results_dir, fixed, print_table
 from examples.train_digits import (
     BasicBlock,
+    CifarResNet,
     DigitsSplit,
     Recipe,
     load_digits_split,
     train,
 )
-from revcompile.memory import saved_activation_bytes
+from revcompile.memory import peak_step_memory, saved_activation_bytes
 from revcompile.report_builder import count_parameters
 from revcompile.runtime import ReversibleSequence
 
@@ -66,7 +74,7 @@ class OddStages(nn.Module):
     """A digits ResNet whose every stage starts with a downsampling (projection)
     block: ``blocks - 1`` identity blocks follow it, an odd chain for even ``blocks``."""
 
-    def __init__(self, blocks: int, widths: tuple[int, ...] = WIDTHS) -> None:
+    def __init__(self, blocks: int = 2, widths: tuple[int, ...] = WIDTHS) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(1, STEM_WIDTH, 3, 1, 1, bias=False), nn.BatchNorm2d(STEM_WIDTH), nn.ReLU()
@@ -106,10 +114,16 @@ def tie(gm: nn.Module, original: nn.Module) -> nn.Module:
     return gm
 
 
-def build(variant: str, blocks: int, seed: int, example: Tensor, policy: str) -> nn.Module:
+LAYOUTS: dict[str, Callable[[], nn.Module]] = {
+    "odd": OddStages,
+    "resnet18": functools.partial(CifarResNet, WIDTHS, 2),
+}
+
+
+def build(variant: str, layout: str, seed: int, example: Tensor, policy: str) -> nn.Module:
     """The network of ``variant``, from the same initialisation for every variant of ``seed``."""
     torch.manual_seed(seed)
-    original = OddStages(blocks)
+    original = LAYOUTS[layout]()
     if variant == "original":
         return original
     leftover = "single" if variant == "single_tied" else variant
@@ -128,14 +142,14 @@ def reversible_share(model: nn.Module) -> str:
 
 
 def step_times(
-    blocks: int, data: DigitsSplit, args: argparse.Namespace
+    layout: str, data: DigitsSplit, args: argparse.Namespace
 ) -> dict[str, dict[str, Any]]:
     """Median seconds of one training step per variant (interleaved, seed 0)."""
     x = data.train_images[: args.batch]
     y = data.train_labels[: args.batch]
     steps: dict[str, Callable[[], None]] = {}
     for variant in VARIANTS:
-        model = build(variant, blocks, 0, x, "checkpoint").train()
+        model = build(variant, layout, 0, x, "checkpoint").train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
@@ -147,17 +161,18 @@ def step_times(
     return interleaved_times(steps, torch.device("cpu"), args.warmup, args.repeats)
 
 
-def measure(blocks: int, data: DigitsSplit, recipe: Recipe, args: argparse.Namespace) -> list:
-    """One row per variant and seed: bytes, parameters, accuracy; step time on seed 0's row."""
+def measure(layout: str, data: DigitsSplit, recipe: Recipe, args: argparse.Namespace) -> list:
+    """One row per variant and seed: bytes, parameters, accuracy; step time and
+    peak memory on seed 0's row."""
     example = data.train_images[: args.batch]
-    times = step_times(blocks, data, args)
+    times = step_times(layout, data, args)
     rows = []
     for seed in range(args.seeds):
         for variant in VARIANTS:
-            model = build(variant, blocks, seed, example, "checkpoint")
-            stored = build(variant, blocks, seed, example, "store")
+            model = build(variant, layout, seed, example, "checkpoint")
+            stored = build(variant, layout, seed, example, "store")
             row: dict[str, Any] = {
-                "blocks_per_stage": blocks,
+                "layout": layout,
                 "variant": variant,
                 "seed": seed,
                 "reversible": reversible_share(model),
@@ -167,29 +182,32 @@ def measure(blocks: int, data: DigitsSplit, recipe: Recipe, args: argparse.Names
             }
             if seed == 0:
                 row["step_s"] = times[variant].get("median_s")
+                factory = functools.partial(build, variant, layout, 0, example, "checkpoint")
+                shape = (args.peak_batch, *example.shape[1:])
+                row["peak_bytes"] = peak_step_memory(factory, shape, loss="cross_entropy")
             result = train(model, variant, seed, data, recipe, show_progress=False)
             row["test_accuracy"] = result.final_test_accuracy
             row["final_train_loss"] = result.train_loss[-1]
             row["train_seconds"] = result.wall_seconds
             rows.append(row)
-            print(f"blocks {blocks} {variant} seed {seed}: {result.final_test_accuracy:.2f}%")
+            print(f"{layout} {variant} seed {seed}: {result.final_test_accuracy:.2f}%")
     return rows
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (blocks, variant): the seed-0 measurements, accuracy mean/min/max over seeds."""
+    """Per (layout, variant): the seed-0 measurements, accuracy mean/min/max over seeds."""
     summary = []
-    for blocks in sorted({r["blocks_per_stage"] for r in rows}):
+    for layout in dict.fromkeys(r["layout"] for r in rows):
         for variant in VARIANTS:
-            mine = [r for r in rows if r["blocks_per_stage"] == blocks and r["variant"] == variant]
+            mine = [r for r in rows if r["layout"] == layout and r["variant"] == variant]
             first = next(r for r in mine if r["seed"] == 0)
             accuracy = [r["test_accuracy"] for r in mine]
             loss = [r["final_train_loss"] for r in mine]
             summary.append(
                 {
-                    **{k: first[k] for k in ("blocks_per_stage", "variant", "reversible")},
-                    **{k: first[k] for k in ("parameters", "saved_bytes_checkpoint")},
-                    "saved_bytes_store": first["saved_bytes_store"],
+                    **{k: first[k] for k in ("layout", "variant", "reversible", "parameters")},
+                    **{k: first[k] for k in ("saved_bytes_checkpoint", "saved_bytes_store")},
+                    "peak_bytes": first["peak_bytes"],
                     "step_s": first.get("step_s"),
                     "accuracy_mean": statistics.mean(accuracy),
                     "accuracy_min": min(accuracy),
@@ -205,26 +223,29 @@ def table(summary: list[dict[str, Any]], args: argparse.Namespace, meta: dict) -
     return print_table(
         f"Odd leftovers: digits {SIZE}x{SIZE}, widths {'/'.join(map(str, WIDTHS))}, "
         f"every stage's first block downsamples, batch {args.batch}, {args.epochs} epochs, "
-        f"{args.seeds} seeds, 1 thread — {machine_line(meta['machine'])}",
+        f"{args.seeds} seeds, 1 thread; peak at batch {args.peak_batch} — "
+        f"{machine_line(meta['machine'])}",
         [
-            "blocks/stage",
+            "layout",
             "leftover",
             "reversible identity blocks",
             "params",
             "saved KiB (checkpoint)",
             "saved KiB (store)",
+            "peak step MiB (checkpoint)",
             "step ms (median)",
             "test acc % mean [min, max]",
             "final train loss (mean)",
         ],
         [
             [
-                s["blocks_per_stage"],
+                s["layout"],
                 s["variant"],
                 s["reversible"],
                 f"{s['parameters']:,}",
                 f"{s['saved_bytes_checkpoint'] / 1024:,.0f}",
                 f"{s['saved_bytes_store'] / 1024:,.0f}",
+                fixed(s["peak_bytes"] / 2**20, 1),
                 "-" if s["step_s"] is None else fixed(1000 * s["step_s"], 1),
                 f"{s['accuracy_mean']:.2f} [{s['accuracy_min']:.2f}, {s['accuracy_max']:.2f}]",
                 fixed(s["train_loss_mean"], 4),
@@ -237,27 +258,25 @@ def table(summary: list[dict[str, Any]], args: argparse.Namespace, meta: dict) -
 def plot(summary: list[dict[str, Any]], stem: Any) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    depths = sorted({s["blocks_per_stage"] for s in summary})
+    layouts = list(dict.fromkeys(s["layout"] for s in summary))
     for ax, key, label in (
-        (axes[0], "saved_bytes_store", "saved KiB (policy=store)"),
+        (axes[0], "saved_bytes_checkpoint", "saved KiB (policy=checkpoint)"),
         (axes[1], "step_s", "step ms (median)"),
         (axes[2], "accuracy_mean", "test accuracy % (mean)"),
     ):
         for offset, variant in enumerate(VARIANTS):
             values = [
-                next(
-                    s[key] for s in summary if (s["blocks_per_stage"], s["variant"]) == (d, variant)
-                )
-                for d in depths
+                next(s[key] for s in summary if (s["layout"], s["variant"]) == (layout, variant))
+                for layout in layouts
             ]
             scale = 1 / 1024 if key.startswith("saved") else 1000 if key == "step_s" else 1
             ax.bar(
-                [i + 0.16 * offset for i in range(len(depths))],
+                [i + 0.16 * offset for i in range(len(layouts))],
                 [scale * (v or 0) for v in values],
                 width=0.16,
                 label=variant,
             )
-        ax.set_xticks([i + 0.32 for i in range(len(depths))], [f"{d} blocks" for d in depths])
+        ax.set_xticks([i + 0.32 for i in range(len(layouts))], layouts)
         ax.set_ylabel(label)
     axes[2].set_ylim(bottom=min(s["accuracy_min"] for s in summary) - 2)
     axes[0].legend(fontsize=8)
@@ -266,10 +285,11 @@ def plot(summary: list[dict[str, Any]], stem: Any) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--blocks", type=int, nargs="+", default=[2, 4], help="blocks per stage")
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--peak-batch", type=int, default=256, help="batch of the peak memory step")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured timing rounds")
     parser.add_argument("--repeats", type=int, default=15, help="measured timing rounds")
     parser.add_argument("--threads", type=int, default=1)
@@ -277,7 +297,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add_results_dir(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.blocks, args.seeds, args.epochs, args.warmup, args.repeats = [2], 1, 1, 1, 2
+        args.layouts, args.seeds, args.epochs, args.warmup, args.repeats = ["odd"], 1, 1, 1, 2
+        args.peak_batch = args.batch
     return args
 
 
@@ -294,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         max_shift_px=1.0,  # 2 px at 32x32
         max_degrees=10.0,
     )
-    config = ("blocks", "seeds", "epochs", "batch", "warmup", "repeats", "threads")
+    config = ("layouts", "seeds", "epochs", "batch", "peak_batch", "warmup", "repeats", "threads")
     run.meta["config"] = {k: getattr(args, k) for k in config} | {"widths": WIDTHS}
     run.meta["recipe"] = vars(recipe)
     data = load_digits_split(test_fraction=0.25)
@@ -305,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         data.train_images, data.train_labels = data.train_images[:256], data.train_labels[:256]
     rows: list[dict[str, Any]] = []
-    for blocks in args.blocks:
-        rows += measure(blocks, data, recipe, args)
+    for layout in args.layouts:
+        rows += measure(layout, data, recipe, args)
         run.write_partial(rows)
     summary = summarize(rows)
     run.meta["summary"] = summary

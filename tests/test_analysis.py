@@ -90,7 +90,12 @@ def test_resnet50_and_resnet18_counts() -> None:
     r18 = analyze(torchvision.models.resnet18(weights=None))
     assert [len(part) for part in _split(r18)] == [3, 5]
     assert [b.fate for b in r18.blocks] == ["F", "G"] + ["kept", "half"] * 3
-    assert [s.name for s in r18.stages] == ["layer1_rev", "layer2_rev", "layer3_rev", "layer4_rev"]
+    assert [s.name for s in r18.stages] == [
+        "layer1_rev",
+        "layer2_1_rev",
+        "layer3_1_rev",
+        "layer4_1_rev",
+    ]
 
 
 def test_analysis_leaves_model_unmodified() -> None:
