@@ -29,12 +29,16 @@ that one block, F and G from complementary channel slices of its branch
 DEFAULT_LEFTOVER: Leftover = "half"
 """The default of ``leftover`` (``convert``, ``analyze``, the CLI, the planning pass).
 
-Measured by ``benchmarks/leftover.py`` (README "Odd leftovers"): ``"half"`` and
-``"single"`` make every identity block of a chain reversible and save the same
-bytes (``"store"`` converts nothing in a stage whose only identity block is
-the leftover); their test accuracy is within seed noise of each other and of
-the stored block, and ``"half"`` takes 16-18% less time per step, with fewer
-parameters (one half-width branch per original block, as in the pairs)."""
+Chosen by ``benchmarks/leftover.py`` (README "Odd leftovers") among the choices
+that make every identity block of a chain reversible: ``"half"`` and
+``"single"`` save the same bytes and reach the same test accuracy within seed
+noise, and ``"half"`` takes 14-21% less time per step with fewer parameters
+(one half-width branch per original block, as in the pairs). ``"store"`` keeps
+the leftover: where a network's only identity blocks are leftovers nothing
+becomes reversible (2.8x the saved bytes); elsewhere, under
+``policy="checkpoint"``, it saves fewer bytes (the rest of the network is one
+checkpointed segment) at the same peak step memory."""
+
 
 StageSplit = RuntimeSplit
 """How one stage turns its input into the two coupling streams (the runtime's choices)."""
