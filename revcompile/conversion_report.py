@@ -220,11 +220,11 @@ class ConversionReport:
         if self.stages:
             lines += ["", "stages:"]
             for stage in self.stages:
-                half = " + half-coupling" if stage.half else ""
-                half += " incl. a single-block coupling" if stage.single else ""
+                extra = " + half-coupling" if stage.half else ""
+                extra += " incl. a single-block coupling" if stage.single else ""
                 lines.append(
                     f"  {stage.name}: {stage.blocks[0]} .. {stage.blocks[-1]} "
-                    f"({len(stage.blocks)} blocks, {stage.couplings} couplings{half}, "
+                    f"({len(stage.blocks)} blocks, {stage.couplings} couplings{extra}, "
                     f"split={stage.split})"
                 )
         if self.rejected:
