@@ -18,11 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from equivalence import compare_with_reference
+from hypothesis import given
 from revcompile.passes.find_residuals import find_residuals
 from revcompile.passes.partition import partition
 from revcompile.passes.plan import plan
 from revcompile.passes.shape_prop import propagate_shapes
 from revcompile.passes.trace import trace
+from strategies import GeneratedNet, residual_nets
 from torch import nn
 
 import revcompile
@@ -353,3 +355,20 @@ def test_default_makes_every_identity_block_reversible() -> None:
     stored = convert64(model, x, leftover="store", policy="store")
     assert saved_activation_bytes(half, x) < saved_activation_bytes(stored, x)
     assert analyze(model, x.float()).blocks == report.blocks
+
+
+@pytest.mark.parametrize("leftover", ["half", "single"])
+@given(net=residual_nets())
+def test_generated_networks_with_reversible_leftovers_match_reference(
+    leftover: str, net: GeneratedNet
+) -> None:
+    """Every chain that ``leftover="store"`` pairs ends in a coupling too: its odd
+    last block is not left stored."""
+    torch.manual_seed(0)
+    x = torch.randn(net.spec.input_shape)
+    gm = convert64(net.build(), x, leftover=leftover)
+    report = revcompile.report(gm)
+    assert not [b for b in report.kept if b.code == KeptReason.ODD_LEFTOVER.value]
+    paired = {name for chain in net.truth.chains if len(chain) > 1 for name in chain}
+    assert paired <= {name for stage in report.stages for name in stage.blocks}
+    compare_with_reference(gm, x.double(), rtol=1e-9)
