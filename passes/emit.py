@@ -371,7 +371,9 @@ def _coupling(
     copies: Copies,
 ) -> AdditiveCoupling:
     """With ``halves = (low, high)``, F reads x2 (high half) and writes into y1
-    (low half), G the other way round; with None both keep full width."""
+    (low half), G the other way round; with None both keep full width. G of a
+    single-block coupling gets copies of its own, the inner-width layers too:
+    tied to F's, they cost accuracy (``benchmarks/leftover.py``)."""
     low, high = halves if halves is not None else (None, None)
     f = build_branch(
         gm, partitions[coupling.f], pre_op=coupling.f_pre_op, reads=high, writes=low, copies=copies
@@ -384,7 +386,7 @@ def _coupling(
             pre_op=coupling.g_pre_op,
             reads=low,
             writes=high,
-            copies=copies,
+            copies={} if coupling.g is coupling.f else copies,
         )
     return AdditiveCoupling(f, g)
 

@@ -18,7 +18,7 @@ from revcompile.conversion_report import BudgetReport, KeptReason
 from revcompile.options import StageSplit
 
 ShortcutKind = Literal["identity", "projection"]
-Fate = Literal["F", "G", "half", "kept"]
+Fate = Literal["F", "G", "half", "single", "kept"]
 Side = Literal["in", "out"] | None
 """Which channels of a branch a tensor is indexed by: the branch input's
 (``"in"``), the branch output's (``"out"``), or an inner width (None)."""
@@ -138,15 +138,29 @@ class BranchPartition:
 class Coupling:
     """One planned coupling: ``f`` and ``g`` are consecutive identity blocks.
 
-    ``g is None`` makes a half-coupling (y2 = x2). ``f_pre_op`` / ``g_pre_op``
-    are the post-ops of the preceding block in the chain that move to the start
-    of this branch (pre-activation form); None for the chain's first block.
+    ``g is None`` makes a half-coupling (y2 = x2); ``g is f`` a single-block
+    coupling (F and G the two complementary channel cuts of one branch, with the
+    same pre-op). ``f_pre_op`` / ``g_pre_op`` are the post-ops of the preceding
+    block in the chain that move to the start of this branch (pre-activation
+    form); None for the chain's first block.
     """
 
     f: ResidualBlock
     g: ResidualBlock | None
     f_pre_op: Node | None = None
     g_pre_op: Node | None = None
+
+    @property
+    def blocks(self) -> tuple[ResidualBlock, ...]:
+        """The distinct blocks of the coupling, F's first."""
+        return tuple(dict.fromkeys(b for b in (self.f, self.g) if b is not None))
+
+    @property
+    def fates(self) -> tuple[Fate, ...]:
+        """The fate of each of ``blocks``."""
+        if self.g is None:
+            return ("half",)
+        return ("single",) if self.g is self.f else ("F", "G")
 
 
 @dataclass(eq=False)

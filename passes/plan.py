@@ -12,8 +12,11 @@ block k when k's output (its add, or its post-op) is exactly k+1's fork and
 nothing else reads it. A chain of n blocks gives n // 2 couplings ``(F, G) =
 (blocks 2i, 2i+1)``; the post-op of the block before a branch moves to the
 start of that branch (its pre-op). An odd last block is kept
-(``leftover="store"``) or becomes a half-coupling (``leftover="half"``). Each
-chain with at least one coupling is a Stage.
+(``leftover="store"``), becomes a half-coupling (``leftover="half"``), or a
+coupling of its own (``leftover="single"``: F and G are the branch cut into
+complementary channel slices, ``Coupling(f=block, g=block)``). Each chain with
+at least one coupling is a Stage (two when a single-block coupling must halve
+after full-width pairs).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def plan(
     rejected: list[RejectedAdd],
     partitions: Mapping[ResidualBlock, BranchPartition],
     *,
-    leftover: Leftover = "store",
+    leftover: Leftover = options.DEFAULT_LEFTOVER,
     split: Split = "halve",
 ) -> Plan:
     """Classify, chain and pair the residual blocks of ``gm``.
@@ -67,12 +70,14 @@ def plan(
     (``meta["tensor_meta"]`` on the placeholders), skipped otherwise.
 
     Postconditions: ``Plan.blocks`` has exactly one BlockPlan per block, in the
-    order of ``blocks``: fate ``F`` / ``G`` / ``half`` with its stage name, or
-    ``kept`` with a KeptReason and its detail (``NOT_HALVABLE`` when only the
-    halving failed; ``SHARES_WEIGHTS`` when its branch copy would untie a
-    module or tensor it shares). With ``split="halve"`` a chain continues into a block only
-    when that block halves with the previous block's post-op moved into it and
-    along the same channel axis; otherwise a new chain starts there. Stages are
+    order of ``blocks``: fate ``F`` / ``G`` / ``half`` / ``single`` with its
+    stage name, or ``kept`` with a KeptReason and its detail (``NOT_HALVABLE``
+    when only the halving failed; ``ODD_NOT_SINGLE`` for an odd last block that
+    cannot be cut into a single-block coupling; ``SHARES_WEIGHTS`` when its
+    branch copy would untie a module or tensor it shares). With
+    ``split="halve"`` a chain continues into a block only when that block
+    halves with the previous block's post-op moved into it and along the same
+    channel axis; otherwise a new chain starts there. Stages are
     in graph order with unique names that are valid attribute names not used by
     ``gm`` (``layer3_rev``), each with its split, channel axis and width, and
     every branch of a halve stage halves along that axis (what ``emit`` builds
@@ -191,21 +196,57 @@ def _stages(
     stages: list[Stage] = []
     used_names = set(dict(gm.named_modules())) | set(dir(gm))
     for chain in _chains(gm, candidates, _follows(partitions, split)):
-        couplings = _pair(chain, leftover)
-        if not couplings:
-            block_plans[chain[0]].reason = KeptReason.ODD_LEFTOVER
-            continue
-        name = _unique_stage_name(chain, used_names)
-        stages.append(_stage(name, couplings, partitions, split))
-        for coupling in couplings:
-            if coupling.g is None:
-                block_plans[coupling.f] = BlockPlan(coupling.f, "half", stage=name)
-            else:
-                block_plans[coupling.f] = BlockPlan(coupling.f, "F", stage=name)
-                block_plans[coupling.g] = BlockPlan(coupling.g, "G", stage=name)
-        if len(chain) % 2 and leftover == "store":
-            block_plans[chain[-1]].reason = KeptReason.ODD_LEFTOVER
+        chain_stages, refusal = _chain_stages(chain, partitions, split, leftover)
+        for i, couplings in enumerate(filter(None, chain_stages)):
+            # the chain names its stage; a single-block stage split off after it, its block
+            named = chain if i == 0 else [b for c in couplings for b in c.blocks]
+            name = _unique_stage_name(named, used_names)
+            stages.append(_stage(name, couplings, partitions, split))
+            for coupling in couplings:
+                for block, fate in zip(coupling.blocks, coupling.fates):
+                    block_plans[block] = BlockPlan(block, fate, stage=name)
+        if refusal is not None:
+            block_plans[chain[-1]].reason, block_plans[chain[-1]].detail = refusal
     return block_plans, stages
+
+
+def _chain_stages(
+    chain: list[ResidualBlock],
+    partitions: Mapping[ResidualBlock, BranchPartition],
+    split: Split,
+    leftover: Leftover,
+) -> tuple[list[list[Coupling]], tuple[KeptReason, str] | None]:
+    """The couplings of each stage made from ``chain`` (an empty list makes no
+    stage) and, when its odd last block stays an ordinary block, the reason and
+    detail.
+
+    Pairs form one stage. The odd last block joins it as a half-coupling
+    (``"half"``) or as a single-block coupling (``"single"``), which cuts the
+    branch into channel halves and so needs a halving stage: when the pairs run
+    at full width (``split="auto"`` with a block that cannot halve) it becomes
+    a halve stage of its own, its pre-op staying on the trunk between the two.
+    """
+    pairs = _pair(chain)
+    if len(chain) % 2 == 0:
+        return [pairs], None
+    last = chain[-1]
+    pre_op = chain[-2].post_op if len(chain) > 1 else None
+    if leftover == "store":
+        return [pairs], (KeptReason.ODD_LEFTOVER, "")
+    if leftover == "half":
+        return [[*pairs, Coupling(f=last, g=None, f_pre_op=pre_op)]], None
+    if split == "duplicate":
+        return [pairs], (
+            KeptReason.ODD_NOT_SINGLE,
+            "split='duplicate' stages have no channel halves; split='halve' or 'auto' cuts them",
+        )
+    joins = not pairs or _stage("", pairs, partitions, split).split == "halve"
+    if joins and partitions[last].halving(pre_op)[0] is not None:
+        return [[*pairs, Coupling(last, last, pre_op, pre_op)]], None
+    roles, reason = partitions[last].halving(None)
+    if roles is None:
+        return [pairs], (KeptReason.ODD_NOT_SINGLE, reason or "")
+    return [pairs, [Coupling(last, last)]], None
 
 
 def _follows(
@@ -345,15 +386,14 @@ def _chains(
     return chains
 
 
-def _pair(chain: list[ResidualBlock], leftover: Leftover) -> list[Coupling]:
-    """Couplings (blocks 2i, 2i+1) of a chain; an odd last block becomes a
-    half-coupling with ``leftover="half"``. Pre-ops are the post-ops of the
+def _pair(chain: list[ResidualBlock]) -> list[Coupling]:
+    """Couplings (blocks 2i, 2i+1) of a chain. Pre-ops are the post-ops of the
     preceding block in the chain."""
 
     def post_op_before(index: int) -> Node | None:
         return chain[index - 1].post_op if index > 0 else None
 
-    couplings = [
+    return [
         Coupling(
             f=chain[i],
             g=chain[i + 1],
@@ -362,10 +402,6 @@ def _pair(chain: list[ResidualBlock], leftover: Leftover) -> list[Coupling]:
         )
         for i in range(0, len(chain) - 1, 2)
     ]
-    if len(chain) % 2 and leftover == "half":
-        last = len(chain) - 1
-        couplings.append(Coupling(f=chain[last], g=None, f_pre_op=post_op_before(last)))
-    return couplings
 
 
 def _unique_stage_name(chain: list[ResidualBlock], used_names: set[str]) -> str:

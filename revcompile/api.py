@@ -14,6 +14,7 @@ from revcompile.conversion_report import ConversionReport
 from revcompile.errors import ConversionError, OptionError, UntraceableError
 from revcompile.memory import saved_activation_bytes
 from revcompile.options import (
+    DEFAULT_LEFTOVER,
     Compile,
     Frontend,
     Leftover,
@@ -86,7 +87,7 @@ def convert(
     example_inputs: ExampleInputs = None,
     *,
     policy: Policy = "checkpoint",
-    leftover: Leftover = "store",
+    leftover: Leftover = DEFAULT_LEFTOVER,
     split: Split = "halve",
     exact: bool = False,
     exact_bits: int = 32,
@@ -116,9 +117,13 @@ def convert(
     segments between stages (stem, downsampling blocks, leftovers, head) in
     backward, so activations are stored only at segment inputs;
     ``"store"`` keeps those segments as ordinary autograd (less recompute).
-    ``leftover``: the odd last block of a chain stays an ordinary block
-    (``"store"``) or becomes a half-coupling ``y1 = x1 + F(x2), y2 = x2``
-    (``"half"``).
+    ``leftover``: the odd last block of a chain becomes a half-coupling
+    ``y1 = x1 + F(x2), y2 = x2`` (``"half"``, default: the same saved bytes
+    and accuracy as ``"single"``, a faster step; ``revcompile.options.DEFAULT_LEFTOVER``),
+    a coupling of its own (``"single"``: F and G are its branch cut into
+    complementary channel slices, ``y1 = x1 + F(x2), y2 = x2 + G(y1)``; it
+    needs a branch and a stage that halve), or stays an ordinary block
+    (``"store"``).
     ``exact=True`` carries each stage's trunk in fixed point (float64 on a
     ``2**-exact_bits`` grid, branch outputs rounded onto it; DESIGN.md §10), so
     the reversible backward reconstructs the forward's inputs bit for bit and
@@ -190,7 +195,7 @@ def pipeline(
     *,
     rewrite: bool,
     policy: Policy = "checkpoint",
-    leftover: Leftover = "store",
+    leftover: Leftover = DEFAULT_LEFTOVER,
     split: Split = "halve",
     exact: bool = False,
     exact_bits: int = 32,

@@ -180,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--leftover",
         choices=options.choices(options.Leftover),
-        default="store",
-        help="odd last block of a chain: ordinary block (store, default) or half-coupling",
+        default=options.DEFAULT_LEFTOVER,
+        help="odd last block of a chain: half-coupling (half, default), a coupling of "
+        "its own (single) or ordinary block (store)",
     )
     convert.add_argument(
         "--split",

@@ -38,6 +38,7 @@ class KeptReason(Enum):
     SCALED_SHORTCUT = "scaled_shortcut"
     PARTIAL_CHANNELS = "partial_channels"
     INSIDE_BLOCK = "inside_block"
+    ODD_NOT_SINGLE = "odd_leftover_not_single"
 
     @property
     def words(self) -> str:
@@ -67,6 +68,7 @@ _KEPT_WORDS = {
     "channels of a wider branch output",
     KeptReason.INSIDE_BLOCK: "inside the branch of an enclosing identity block, "
     "planned as part of it",
+    KeptReason.ODD_NOT_SINGLE: "odd leftover that cannot be cut into a single-block coupling",
 }
 
 
@@ -75,7 +77,8 @@ class BlockReport:
     """One residual block (one residual add), in graph order.
 
     ``fate`` is ``"F"`` / ``"G"`` (a branch of a coupling of stage ``stage``),
-    ``"half"`` (a half-coupling) or ``"kept"`` (stays an ordinary residual
+    ``"half"`` (a half-coupling), ``"single"`` (both branches of a coupling, cut
+    from this one block's branch: ``leftover="single"``) or ``"kept"`` (stays an ordinary residual
     block; ``reason`` says why in words, e.g. ``"projection shortcut"``,
     ``code`` is the stable ``KeptReason`` value, e.g. ``"projection"``, and
     ``detail`` the specifics: which op, which reader, which shapes). Reports
@@ -100,6 +103,8 @@ class StageReport:
     couplings: int
     half: bool = False
     split: str = "halve"
+    single: bool = False
+    """Whether the stage ends with a coupling made from one block (``leftover="single"``)."""
 
 
 @dataclass
@@ -173,7 +178,7 @@ class ConversionReport:
     shapes were propagated, so that shape-based checks (broadcasting adds, odd
     channel counts) ran; ``policy`` is the storage policy of the
     non-reversible segments and ``leftover`` what happens to an odd block of a
-    chain (``"store"`` or ``"half"``).
+    chain (``"store"``, ``"half"`` or ``"single"``).
     """
 
     blocks: list[BlockReport] = field(default_factory=list)
@@ -229,10 +234,11 @@ class ConversionReport:
         if self.stages:
             lines += ["", "stages:"]
             for stage in self.stages:
-                half = " + half-coupling" if stage.half else ""
+                extra = " + half-coupling" if stage.half else ""
+                extra += " incl. a single-block coupling" if stage.single else ""
                 lines.append(
                     f"  {stage.name}: {stage.blocks[0]} .. {stage.blocks[-1]} "
-                    f"({len(stage.blocks)} blocks, {stage.couplings} couplings{half}, "
+                    f"({len(stage.blocks)} blocks, {stage.couplings} couplings{extra}, "
                     f"split={stage.split})"
                 )
         if self.rejected:

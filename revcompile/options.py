@@ -20,8 +20,25 @@ from revcompile.runtime import Split as RuntimeSplit
 Policy = Literal["checkpoint", "store"]
 """How non-reversible segments between stages store activations."""
 
-Leftover = Literal["store", "half"]
-"""What the odd last block of a chain becomes: an ordinary block or a half-coupling."""
+Leftover = Literal["store", "half", "single"]
+"""What the odd last block of a chain becomes: an ordinary block (``"store"``), a
+half-coupling ``y1 = x1 + F(x2), y2 = x2`` (``"half"``), or a coupling built from
+that one block, F and G from complementary channel slices of its branch
+(``"single"``)."""
+
+DEFAULT_LEFTOVER: Leftover = "half"
+"""The default of ``leftover`` (``convert``, ``analyze``, the CLI, the planning pass).
+
+Chosen by ``benchmarks/leftover.py`` (README "Odd leftovers") among the choices
+that make every identity block of a chain reversible: ``"half"`` and
+``"single"`` save the same bytes and reach the same test accuracy within seed
+noise, and ``"half"`` takes 14-21% less time per step with fewer parameters
+(one half-width branch per original block, as in the pairs). ``"store"`` keeps
+the leftover: where a network's only identity blocks are leftovers nothing
+becomes reversible (2.8x the saved bytes); elsewhere, under
+``policy="checkpoint"``, it saves fewer bytes (the rest of the network is one
+checkpointed segment) at the same peak step memory."""
+
 
 StageSplit = RuntimeSplit
 """How one stage turns its input into the two coupling streams (the runtime's choices)."""

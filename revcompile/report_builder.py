@@ -179,14 +179,10 @@ def _opaque_report(block: OpaqueBlock) -> BlockReport:
 def _stage_report(stage: Stage) -> StageReport:
     return StageReport(
         name=stage.name,
-        blocks=[
-            block.name
-            for coupling in stage.couplings
-            for block in (coupling.f, coupling.g)
-            if block is not None
-        ],
+        blocks=[block.name for coupling in stage.couplings for block in coupling.blocks],
         couplings=sum(coupling.g is not None for coupling in stage.couplings),
         half=any(coupling.g is None for coupling in stage.couplings),
+        single=any(coupling.g is coupling.f for coupling in stage.couplings),
         split=stage.split,
     )
 

@@ -33,7 +33,8 @@ def _split(report: ConversionReport) -> tuple[list[str], list[str]]:
 
 def _torchvision_stage_layout(report: ConversionReport, layers: tuple[int, ...]) -> None:
     """Each torchvision stage: projection first block (except resnet18/34's
-    layer1), then identity blocks paired in order, an odd last one kept."""
+    layer1), then identity blocks paired in order, an odd last one a
+    half-coupling (the default ``leftover="half"``)."""
     by_name = {block.name: block for block in report.blocks}
     assert list(by_name) == [
         f"layer{stage + 1}.{index}" for stage, count in enumerate(layers) for index in range(count)
@@ -44,7 +45,9 @@ def _torchvision_stage_layout(report: ConversionReport, layers: tuple[int, ...])
     for stage in report.stages:
         assert stage.blocks == sorted(stage.blocks, key=list(by_name).index)
         fates = [by_name[name].fate for name in stage.blocks]
-        assert fates == ["F", "G"] * stage.couplings
+        pairs, odd = divmod(len(stage.blocks), 2)
+        assert fates == ["F", "G"] * pairs + ["half"] * odd
+        assert (stage.couplings, stage.half) == (pairs, bool(odd))
     for layer in range(1, len(layers) + 1):
         identity = [
             b
@@ -52,8 +55,7 @@ def _torchvision_stage_layout(report: ConversionReport, layers: tuple[int, ...])
             if b.name.startswith(f"layer{layer}.") and b.shortcut == "identity"
         ]
         if len(identity) % 2:
-            odd = KeptReason.ODD_LEFTOVER.value
-            assert (identity[-1].fate, identity[-1].code) == ("kept", odd)
+            assert (identity[-1].fate, identity[-1].code) == ("half", None)
 
 
 @pytest.mark.parametrize(
@@ -84,13 +86,16 @@ def test_resnet50_and_resnet18_counts() -> None:
     assert [len(part) for part in _split(r50)] == [4, 12]
     assert [s.name for s in r50.stages] == ["layer1_rev", "layer2_rev", "layer3_rev", "layer4_rev"]
     assert [s.couplings for s in r50.stages] == [1, 1, 2, 1]
-    assert {b.name for b in r50.blocks if b.code == KeptReason.ODD_LEFTOVER.value} == {
-        "layer2.3",
-        "layer3.5",
-    }
+    assert {b.name for b in r50.blocks if b.fate == "half"} == {"layer2.3", "layer3.5"}
     r18 = analyze(torchvision.models.resnet18(weights=None))
     assert [len(part) for part in _split(r18)] == [3, 5]
-    assert [b.fate for b in r18.blocks] == ["F", "G", "kept"] + ["kept", "kept"] * 2 + ["kept"]
+    assert [b.fate for b in r18.blocks] == ["F", "G"] + ["kept", "half"] * 3
+    assert [s.name for s in r18.stages] == [
+        "layer1_rev",
+        "layer2_1_rev",
+        "layer3_1_rev",
+        "layer4_1_rev",
+    ]
 
 
 def test_analysis_leaves_model_unmodified() -> None:
@@ -113,9 +118,12 @@ def test_cifar_resnets(depth: int, option: str) -> None:
     assert projection == ["layer2.0", "layer3.0"]
     assert len(identity) == 3 * n - 2
     assert [s.blocks for s in report.stages] == [
-        [f"layer1.{i}" for i in range(n // 2 * 2)],
-        [f"layer2.{i}" for i in range(1, 1 + (n - 1) // 2 * 2)],
-        [f"layer3.{i}" for i in range(1, 1 + (n - 1) // 2 * 2)],
+        [f"layer1.{i}" for i in range(n)],
+        [f"layer2.{i}" for i in range(1, n)],
+        [f"layer3.{i}" for i in range(1, n)],
+    ]
+    assert [b.name for b in report.blocks if b.fate == "half"] == [
+        f"layer{k}.{n - 1}" for k in (1, 2, 3) if (n - (k > 1)) % 2
     ]
 
 
@@ -125,7 +133,7 @@ def test_cifar_resnet164_bottleneck() -> None:
     assert projection == ["layer1.0", "layer2.0", "layer3.0"]
     assert len(identity) == 51
     assert [s.couplings for s in report.stages] == [8, 8, 8]
-    assert [b.name for b in report.blocks if b.code == KeptReason.ODD_LEFTOVER.value] == [
+    assert [b.name for b in report.blocks if b.fate == "half"] == [
         "layer1.17",
         "layer2.17",
         "layer3.17",
@@ -137,7 +145,7 @@ def test_preact_resnet() -> None:
     report = result.report
     assert _split(report)[0] == ["layer2.0", "layer3.0"]
     assert [s.blocks for s in report.stages] == [
-        ["layer1.0", "layer1.1"],
+        ["layer1.0", "layer1.1", "layer1.2"],
         ["layer2.1", "layer2.2"],
         ["layer3.1", "layer3.2"],
     ]
@@ -194,7 +202,7 @@ def test_feature_tap_block_is_kept() -> None:
     assert tapped.name == "block1" and tapped.fate == "kept"
     assert tapped.code == KeptReason.TAPPED.value
     assert "aux_head" in tapped.detail
-    assert (clean.name, clean.fate, clean.code) == ("block2", "kept", KeptReason.ODD_LEFTOVER.value)
+    assert (clean.name, clean.fate, clean.code) == ("block2", "half", None)
 
 
 def test_constant_adds_are_rejected() -> None:
@@ -235,7 +243,7 @@ def test_shapes_unknown_without_guessable_input() -> None:
 
     report = analyze(TwoInputs())
     assert not report.shapes_checked
-    assert [b.fate for b in report.blocks] == ["kept"]
+    assert [b.fate for b in report.blocks] == ["half"]
     assert any("different model inputs" in r.reason for r in report.rejected)
 
 
@@ -294,7 +302,9 @@ def test_report_without_codes_still_loads() -> None:
 @given(residual_nets())
 def test_generated_networks_match_ground_truth(net: GeneratedNet) -> None:
     model = build_model(net.spec)
-    report = analyze(model, torch.randn(net.spec.input_shape))
+    # the ground truth is that of leftover="store"
+    report = pipeline(model, torch.randn(net.spec.input_shape), rewrite=False, leftover="store")
+    report = report.report
     truth = net.truth
     assert {b.name: b.shortcut for b in report.blocks} == truth.shortcuts
     assert list(truth.shortcuts) == [b.name for b in report.blocks]

@@ -39,6 +39,8 @@ class Site:
     name: str
     block: ResidualBlock | None
     cut: tuple[Half, Half]
+    own_copy: bool = False
+    """The use gets a copy of its own: G of a single-block coupling (``emit``)."""
 
 
 def branch_sites(
@@ -61,9 +63,10 @@ def branch_sites(
                 roles = part.halving(pre_op)[0] if stage.split == "halve" else None
                 nodes = [*part.nodes, *([pre_op] if pre_op is not None else [])]
                 absorbed.update(block.region, (block.join,), nodes)
+                own_copy = which == "G" and coupling.g is coupling.f
                 for node in nodes:
                     for used in _reads(node):
-                        sites += _node_sites(gm, used, block, roles, BRANCH_HALVES[which])
+                        sites += _node_sites(gm, used, block, roles, BRANCH_HALVES[which], own_copy)
     return sites, absorbed
 
 
@@ -78,6 +81,7 @@ def _node_sites(
     block: ResidualBlock | None,
     roles: ChannelRoles | None,
     halves: Mapping[str | None, Half],
+    own_copy: bool = False,
 ) -> Iterator[tuple[torch.Tensor, Site]]:
     target = str(node.target)
     if node.op == "call_module":
@@ -85,7 +89,10 @@ def _node_sites(
         sides = roles.modules.get(target) if roles is not None else None
         cut = (None, None) if sides is None else (halves[sides[0]], halves[sides[1]])
         for name, tensor in _tensors(mod):
-            yield tensor, Site(id(mod), f"{target}.{name}" if name else target, block, cut)
+            yield (
+                tensor,
+                Site(id(mod), f"{target}.{name}" if name else target, block, cut, own_copy),
+            )
     elif node.op == "get_attr":
         value = gm
         for part in target.split("."):
@@ -93,10 +100,10 @@ def _node_sites(
         if isinstance(value, torch.Tensor):
             side = roles.attrs.get(target) if roles is not None else None
             cut = (None, None) if side is None else (halves[side[0]], halves[side[0]])
-            yield value, Site(id(value), target, block, cut)
+            yield value, Site(id(value), target, block, cut, own_copy)
         elif isinstance(value, nn.Module):
             for name, tensor in _tensors(value):
-                yield tensor, Site(id(value), f"{target}.{name}", block, (None, None))
+                yield tensor, Site(id(value), f"{target}.{name}", block, (None, None), own_copy)
 
 
 def _tensors(mod: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -116,7 +123,9 @@ def sharing_conflicts(
     through the same module or attribute cut the same way (one copy then
     serves them all), and with the rest of the network only when that use is
     direct and no branch cuts it (the unsliced copy replaces the original there
-    too). ``gm`` is not modified.
+    too). The one block of a single-block coupling reaches its layers twice,
+    for F and for G's own copies; that is not sharing, but any other use of
+    those layers is. ``gm`` is not modified.
     """
     sites, absorbed = branch_sites(gm, stages, partitions)
     for node in gm.graph.nodes:
@@ -131,12 +140,15 @@ def sharing_conflicts(
     for uses in by_tensor.values():
         in_branches = [site for site in uses if site.block is not None]
         outside = [site for site in uses if site.block is None]
-        ways = {(site.owner, site.cut) for site in in_branches}
+        ways = {(site.owner, site.cut, site.own_copy) for site in in_branches}
+        one_owner = len({site.owner for site in uses}) == 1
         if not in_branches or (
-            len(ways) == 1
-            and len({site.owner for site in uses}) == 1
-            and (not outside or in_branches[0].cut == (None, None))
+            len(ways) == 1 and one_owner and (not outside or in_branches[0].cut == (None, None))
         ):
+            continue
+        # A single-block coupling's F and G copy one block's layers (cut into
+        # complementary halves, or whole): nothing the original shared is untied.
+        if one_owner and not outside and len({site.block for site in in_branches}) == 1:
             continue
         for site in in_branches:
             others = {

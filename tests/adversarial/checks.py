@@ -29,6 +29,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 
 import revcompile
 from revcompile import ConversionError, ReversibleSequence, reference_mode
+from revcompile.options import DEFAULT_LEFTOVER
 from revcompile.runtime import CheckpointedSegment
 
 TOLERANCE = 1e-9
@@ -689,7 +690,8 @@ def check_report_agreement(case: Case) -> list[str]:
             f"{sorted(listed)}"
         )
     options = case.subject.options
-    if options.get("leftover", "store") == "store" and options.get("split", "halve") == "halve":
+    leftover = options.get("leftover", DEFAULT_LEFTOVER)
+    if leftover == DEFAULT_LEFTOVER and options.get("split", "halve") == "halve":
         analysis = revcompile.analyze(case.original, case.subject.example_inputs)
         want = [(b.name, b.shortcut, b.fate, b.stage) for b in analysis.blocks]
         got = [(b.name, b.shortcut, b.fate, b.stage) for b in report.blocks]

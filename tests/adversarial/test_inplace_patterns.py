@@ -191,10 +191,11 @@ def test_in_place_residual_chains_convert_exactly(name: str) -> None:
 @pytest.mark.parametrize("policy", ["store", "checkpoint"])
 @pytest.mark.parametrize("name", list(CONVERTED))
 def test_single_in_place_block_keeps_the_function(name: str, policy: str) -> None:
-    """One block (an odd leftover): nothing converts, the function is the original's."""
+    """One block (an odd leftover) kept with ``leftover="store"``: nothing converts,
+    the function is the original's."""
     model = CONVERTED[name]().double()
     x = _input()
-    gm = _convert(model, x, policy=policy)
+    gm = _convert(model, x, policy=policy, leftover="store")
     assert [b.fate for b in revcompile.report(gm).blocks] == ["kept"]
     assert_same_function(model, gm, x)
 

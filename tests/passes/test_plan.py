@@ -38,7 +38,7 @@ def test_a_post_op_that_cannot_move_ends_the_chain() -> None:
     parts[second] = dataclasses.replace(
         parts[second], pre_op_roles=None, pre_op_reason="post-op x cannot move into the branch"
     )
-    result = plan(gm, blocks, rejected, parts)
+    result = plan(gm, blocks, rejected, parts, leftover="store")
     fates = [bp.fate for bp in result.blocks[:3]]
     assert fates == ["kept", "F", "G"]
     assert result.blocks[0].reason is KeptReason.ODD_LEFTOVER
