@@ -285,14 +285,15 @@ def _codes(report: revcompile.ConversionReport) -> collections.Counter:
 
 TIMM_MODELS = {
     # NF-nets: NormFreeBlock is traced (its alpha/beta gains and skip-init stay in the
-    # branch); nf_resnet26's stages of two leave one odd block each after the downsampling one
-    "nf_resnet26": {"projection": 4, "odd_leftover": 4},
-    "nfnet_l0": {"projection": 4, "reversible": 6, "odd_leftover": 2},
+    # branch); nf_resnet26's stages of two leave one odd block each after the downsampling
+    # one: a half-coupling (the default leftover="half")
+    "nf_resnet26": {"projection": 4, "reversible": 4},
+    "nfnet_l0": {"projection": 4, "reversible": 8},
     "rexnet_100": {"partial_channels": 11},
     # GRN's add is part of each block's branch (was: every block kept as nested)
     "convnextv2_atto": {"reversible": 12, "inside_block": 12},
     # the hierarchical adds are part of each bottleneck's branch (was: nested)
-    "res2net50_14w_8s": {"projection": 4, "reversible": 10, "odd_leftover": 2, "inside_block": 72},
+    "res2net50_14w_8s": {"projection": 4, "reversible": 12, "inside_block": 72},
 }
 
 

@@ -24,7 +24,8 @@ def _planned():
     gm = trace(model)
     propagate_shapes(gm, (torch.randn(models.CIFAR_INPUT),))
     blocks, rejected = find_residuals(gm)
-    return model, gm, plan(gm, blocks, rejected, partition(gm, blocks))
+    # leftover="store": the formulas below count full couplings (odd leftovers stay blocks)
+    return model, gm, plan(gm, blocks, rejected, partition(gm, blocks), leftover="store")
 
 
 def _called(gm: torch.fx.GraphModule, kind: type) -> list[str]:

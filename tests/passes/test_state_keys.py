@@ -42,7 +42,7 @@ class WithAuxHead(nn.Module):
 
 class TiedKept(nn.Module):
     """A layer scale shared by two blocks; the blocks stay (policy="store", one
-    projection in between keeps them apart), so both keys must stay."""
+    projection in between keeps them apart; leftover="store"), so both keys must stay."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,7 +71,7 @@ def test_unused_submodule_keeps_its_keys_type_and_values(policy: str, split: str
 
 def test_tied_tensor_keeps_both_names_and_stays_tied() -> None:
     model = TiedKept().double()
-    gm = revcompile.convert(model, X, policy="store")
+    gm = revcompile.convert(model, X, policy="store", leftover="store")
     state = gm.state_dict(keep_vars=True)
     assert state["first.gamma"] is state["second.gamma"]
     assert state["first.gamma"] is not model.first.gamma
@@ -95,7 +95,7 @@ class TiedAcrossAStage(nn.Module):
 @pytest.mark.parametrize("policy", ["checkpoint", "store"])
 def test_tied_name_outside_a_stage_follows_the_stage_copy(policy: str) -> None:
     model = TiedAcrossAStage().double()
-    gm = revcompile.convert(model, X, split="duplicate", policy=policy)
+    gm = revcompile.convert(model, X, split="duplicate", policy=policy, leftover="store")
     fates = {b.name: b.fate for b in revcompile.report(gm).blocks}
     assert fates["b0"] != "kept" and fates["b2"] == "kept"
     gammas = {id(t) for k, t in gm.state_dict(keep_vars=True).items() if k.endswith("gamma")}
