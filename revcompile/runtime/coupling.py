@@ -241,7 +241,10 @@ def _update(
     """The new value of the stream that branch ``which`` adds to (``sign=1``) or
     is subtracted from (``sign=-1``): F reads stream 2 into stream 1, G the reverse."""
     target, source = (0, 1) if which == "F" else (1, 0)
-    x = streams[source] if grid is None else streams[source].to(grid.dtype)
+    # Exact mode: the branch reads a copy, also when its dtype is the trunk's (float64
+    # models), as it does after a float32 conversion: a branch reading the trunk tensor
+    # itself broke bitwise reconstruction when a post-op moved into it (LONG_RUN.md).
+    x = streams[source] if grid is None else streams[source].to(grid.dtype, copy=True)
     fn = coupling.F if which == "F" else coupling.G
     out = call(fn, which, x)
     if out.shape != x.shape:
