@@ -131,7 +131,9 @@ def _read_state_where_used(gm: GraphModule, is_stage: Callable[[Node], bool]) ->
             if not user.op.startswith("call_") or is_stage(user):
                 continue
             with gm.graph.inserting_before(user):
-                local = gm.graph.get_attr(str(node.target))
+                # create_node, not get_attr: the target exists (the old node reads it),
+                # but fx warns for tensor attributes that are not registered buffers.
+                local = gm.graph.create_node("get_attr", node.target)
             local.meta = dict(node.meta)
             if CHECKPOINT_SPAN in user.meta:
                 local.meta[CHECKPOINT_SPAN] = user.meta[CHECKPOINT_SPAN]
