@@ -129,11 +129,14 @@ def main() -> None:
     warnings.simplefilter("ignore")
     for text in models_in(args.path.read_text()):
         spec = parse(text)
+        judged = len(checks.ILL_CONDITIONED)
         outcome = checks.run_subject(generator.subject(spec))
         print(spec.describe())
         print(f"  -> {outcome.status}: {outcome.message}")
         for defect in outcome.defects:
             print(f"  [{defect.check}] {defect.message}")
+        for error, moved in checks.ILL_CONDITIONED[judged:]:
+            print(f"  judged by rounding: error {error:.2e}, one rounding moves it {moved:.2e}")
 
 
 if __name__ == "__main__":
