@@ -350,18 +350,26 @@ def test_peak_step_memory_grows_with_batch():
     assert large < 2 * 2**30
 
 
+# peak_step_memory's CPU number is RSS: "expect a few hundred KiB of noise".
+RSS_NOISE_BYTES = 256 * 2**10
+
+
 def test_reversible_backward_recomputes_one_branch_at_a_time():
     """Peak of a reversible stage's step, in half-stream tensors (4 MiB here).
 
     Live at the peak (the recomputation of one branch): the saved stage output
     (2 halves), the reconstructed streams and their gradients (4), the branch's
     recomputed activations and their gradients (about 8), plus the input
-    gradient of the scale. Keeping the previous branch's output and input
-    gradient alive as well measured 19 halves; dropping them, 15.
+    gradient of the scale: 16 halves. Keeping the previous branch's output and
+    input gradient alive as well measured 19 halves.
+
+    Measured at batch 64, 128 and 256, three runs each: 16 halves minus 16 to
+    156 KiB, independent of the batch. The bound is the 16 halves plus the RSS
+    noise of the measurement, which alone put one CI run 48 KiB over them.
     """
     half = 128 * 8 * 32 * 32 * 4
     peak = peak_step_memory(reversible_stage, (128, 16, 32, 32), loss="sum")
-    assert peak <= 16 * half, peak / half
+    assert peak <= 16 * half + RSS_NOISE_BYTES, peak / half
 
 
 def test_peak_step_memory_reports_worker_errors():
