@@ -17,4 +17,5 @@ settings.register_profile("long", max_examples=200, **_SLOW_OK)
 settings.register_profile("adversarial-long", max_examples=1000, **_SLOW_OK)
 settings.load_profile(os.environ.get("REVCOMPILE_HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(2)
+# Under pytest-xdist each of the workers gets one of the cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
