@@ -24,6 +24,7 @@ from revcompile.passes.normalize import normalize
 from revcompile.passes.ops import STOCHASTIC_DEPTH_CLASS_NAMES
 from revcompile.passes.trace import (
     LEAF_CLASS_NAMES,
+    configures_torch_layer,
     timm_notrace_registry,
     trace_in_current_mode,
 )
@@ -75,6 +76,7 @@ def _why_whole(module: nn.Module) -> str | None:
     if (
         cls.__module__.startswith(("torch.", "revcompile"))
         or cls.__name__ in STOCHASTIC_DEPTH_CLASS_NAMES | LEAF_CLASS_NAMES
+        or configures_torch_layer(cls)
     ):
         return None
     if isinstance(module, timm_notrace_registry()[0]):

@@ -7,8 +7,10 @@ Leaf modules (kept as single ``call_module`` nodes instead of being traced
 through):
 
 - everything fx treats as a leaf by default (``torch.nn`` layers: Conv2d,
-  BatchNorm2d, Linear, activations, ...) and torchvision's
-  ``FrozenBatchNorm2d`` (so its buffers keep their state_dict keys);
+  BatchNorm2d, Linear, activations, ...), subclasses of them that only
+  configure them (torchvision's ``Conv3DSimple``: ``configures_torch_layer``)
+  and torchvision's ``FrozenBatchNorm2d`` (so its buffers keep their
+  state_dict keys);
 - stochastic-depth modules (class name ``DropPath`` or ``StochasticDepth``, as
   in timm and ``torchvision.ops``), so the graph does not depend on train/eval
   mode;
@@ -64,6 +66,43 @@ LEAF_CLASS_NAMES = frozenset({"FrozenBatchNorm2d"})
 """Modules of other libraries kept as leaves, by class name (torchvision.ops.misc)."""
 
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
+
+_CONFIGURING_METHODS = frozenset({"__init__", "extra_repr", "reset_parameters"})
+"""Methods a subclass of a torch.nn layer may override and still compute what the layer does."""
+
+
+def configures_torch_layer(cls: type) -> bool:
+    """Whether ``cls`` is a subclass of a torch.nn layer that only configures it.
+
+    torchvision's ``Conv3DSimple(nn.Conv3d)`` sets the layer up in ``__init__``
+    and adds helpers of its own: its forward is ``Conv3d.forward`` and computes
+    what a ``Conv3d`` computes, so it is a leaf like one (and the passes' layer
+    rules apply to it). A subclass that overrides anything else the layer has
+    (``forward``, ``_conv_forward``, ``__getattr__``) is traced through.
+    """
+    layer = next(
+        (c for c in cls.__mro__[1:] if c.__module__.startswith(("torch.nn.", "torch.ao.nn."))),
+        None,
+    )
+    if (
+        layer is None
+        or layer is nn.Module
+        or issubclass(layer, nn.Sequential | nn.ModuleList | nn.ModuleDict)
+    ):
+        return False
+    overridden = {
+        name
+        for c in cls.__mro__[: cls.__mro__.index(layer)]
+        for name, value in vars(c).items()
+        if hasattr(layer, name) and _is_behaviour(value)
+    }
+    return overridden <= _CONFIGURING_METHODS
+
+
+def _is_behaviour(value: object) -> bool:
+    """A class attribute that is code (a method or property), not configuration data."""
+    return callable(value) or isinstance(value, staticmethod | classmethod | property)
+
 
 TRACED_TIMM_CLASS_NAMES = frozenset({"NormFreeBlock"})
 """timm no-trace modules traced through all the same: timm lists NF-nets' block
@@ -139,6 +178,7 @@ class ResidualTracer(Tracer):
             super().is_leaf_module(m, module_qualified_name)
             or module_class.__name__ in STOCHASTIC_DEPTH_CLASS_NAMES
             or module_class.__name__ in LEAF_CLASS_NAMES
+            or configures_torch_layer(module_class)
             or module_class.__module__.startswith("revcompile")
             or isinstance(m, self.extra_leaf_classes)
             or id(m) in self.mode_dependent

@@ -271,3 +271,18 @@ def test_duplicate_stage_refuses_double_backward() -> None:
     assert grad.shape == x.shape
     with pytest.raises(RuntimeError, match="higher-order"):
         torch.autograd.grad(stage(x).sum(), x, create_graph=True)
+
+
+def test_video_resnet_with_torchvision_conv3d_subclass_halves() -> None:
+    """r3d_18's layers (``Conv3DSimple(nn.Conv3d)``, BasicBlock, BasicStem): the
+    Conv3d subclass is a layer like Conv3d, so its blocks halve."""
+    from torchvision.models.video.resnet import BasicBlock, BasicStem, Conv3DSimple, VideoResNet
+
+    torch.manual_seed(0)
+    model = VideoResNet(BasicBlock, [Conv3DSimple] * 4, [2, 1, 1, 1], BasicStem)
+    x = torch.randn(2, 3, 4, 16, 16, dtype=torch.float64)
+    gm = revcompile.convert(model, x.float())
+    report = revcompile.report(gm)
+    assert converted_blocks(report) == Counter({"halve": 2}), report
+    assert kept_reasons(report) == Counter({PROJECTION: 3}), report
+    compare_with_reference(gm.double().train(), x, rtol=1e-9)

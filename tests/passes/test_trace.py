@@ -221,3 +221,41 @@ def test_trace_error_names_the_innermost_failing_module() -> None:
     model = nn.Sequential(nn.Sequential(nn.ReLU(), Inner()))
     with pytest.raises(ConversionError, match=r"the forward of 0\.1 \(Inner\) failed"):
         trace(model)
+
+
+# ---------------------------------------------------------------- subclasses of torch.nn layers
+
+
+class Conv3DSimple(nn.Conv3d):
+    """torchvision.models.video.resnet's conv: a Conv3d configured in __init__."""
+
+    def __init__(self, in_planes: int, out_planes: int) -> None:
+        super().__init__(in_planes, out_planes, (3, 3, 3), padding=1, bias=False)
+
+    @staticmethod
+    def get_downsample_stride(stride: int) -> tuple[int, int, int]:
+        return stride, stride, stride
+
+
+class StandardizedConv(nn.Conv2d):
+    """Overrides a method forward calls: what it computes is not Conv2d's."""
+
+    def _conv_forward(self, x, weight, bias):
+        weight = (weight - weight.mean((1, 2, 3), keepdim=True)) / weight.std((1, 2, 3), True)
+        return super()._conv_forward(x, weight, bias)
+
+
+class Renamed(nn.BatchNorm2d):
+    pass
+
+
+@pytest.mark.parametrize("layer", [Conv3DSimple(C, C), Renamed(C)], ids=["conv3d", "bn"])
+def test_subclass_of_a_torch_layer_that_only_configures_it_is_a_leaf(layer):
+    gm = trace(nn.Sequential(layer, nn.ReLU()))
+    assert [n.op for n in gm.graph.nodes][1] == "call_module"
+    assert isinstance(gm.get_submodule("0"), type(layer))
+
+
+def test_subclass_overriding_a_method_of_the_layer_is_traced_through():
+    gm = trace(nn.Sequential(StandardizedConv(C, C, 3), nn.ReLU()))
+    assert calls(gm, torch.conv2d)
