@@ -61,7 +61,7 @@ RTOL = 1e-9
 QUICK = ("resnet18", "resnet1d_34", "res_unet")
 #: Report codes of blocks that are not stride-1 identity blocks.
 NOT_IDENTITY = {"projection", "broadcast"}
-REVERSIBLE_FATES = {"F", "G", "half"}
+REVERSIBLE_FATES = {"F", "G", "half", "single"}
 
 
 def randomize_zero_weights(model: nn.Module) -> nn.Module:

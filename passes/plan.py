@@ -21,6 +21,7 @@ after full-width pairs).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 
 from revcompile.passes.graph_utils import (
@@ -59,7 +60,7 @@ def plan(
     partitions: Mapping[ResidualBlock, BranchPartition],
     *,
     leftover: Leftover = options.DEFAULT_LEFTOVER,
-    split: Split = "halve",
+    split: Split = options.DEFAULT_SPLIT,
 ) -> Plan:
     """Classify, chain and pair the residual blocks of ``gm``.
 
@@ -77,7 +78,9 @@ def plan(
     branch copy would untie a module or tensor it shares). With
     ``split="halve"`` a chain continues into a block only when that block
     halves with the previous block's post-op moved into it and along the same
-    channel axis; otherwise a new chain starts there. Stages are
+    channel axis; otherwise a new chain starts there. With ``split="auto"`` a
+    chain is cut where ``"halve"`` would cut it when all its blocks halve there
+    (each piece a halve stage), and is one duplicate stage otherwise. Stages are
     in graph order with unique names that are valid attribute names not used by
     ``gm`` (``layer3_rev``), each with its split, channel axis and width, and
     every branch of a halve stage halves along that axis (what ``emit`` builds
@@ -195,7 +198,10 @@ def _stages(
     candidates = [block for block in blocks if kept[block] is None]
     stages: list[Stage] = []
     used_names = set(dict(gm.named_modules())) | set(dir(gm))
-    for chain in _chains(gm, candidates, _follows(partitions, split)):
+    chains = _chains(gm, candidates, _follows(partitions, split))
+    if split == "auto":
+        chains = [run for chain in chains for run in _halving_runs(chain, partitions) or [chain]]
+    for chain in chains:
         chain_stages, refusal = _chain_stages(chain, partitions, split, leftover)
         for i, couplings in enumerate(filter(None, chain_stages)):
             # the chain names its stage; a single-block stage split off after it, its block
@@ -264,6 +270,26 @@ def _follows(
         return roles is not None and first is not None and roles.axis == first.axis
 
     return follows
+
+
+def _halving_runs(
+    chain: list[ResidualBlock], partitions: Mapping[ResidualBlock, BranchPartition]
+) -> list[list[ResidualBlock]] | None:
+    """``chain`` cut where ``split="halve"`` cuts chains (a post-op that cannot move
+    into the next branch, another channel axis), when every block of it halves
+    there; None when one does not (``split="auto"`` then duplicates the chain)."""
+    follows = _follows(partitions, "halve")
+    if partitions[chain[0]].roles is None:
+        return None
+    runs = [[chain[0]]]
+    for before, after in itertools.pairwise(chain):
+        if follows(before, after):
+            runs[-1].append(after)
+        elif partitions[after].roles is not None:
+            runs.append([after])
+        else:
+            return None
+    return runs
 
 
 def _stage(

@@ -15,6 +15,7 @@ from revcompile.errors import ConversionError, OptionError, UntraceableError
 from revcompile.memory import saved_activation_bytes
 from revcompile.options import (
     DEFAULT_LEFTOVER,
+    DEFAULT_SPLIT,
     Compile,
     Frontend,
     Leftover,
@@ -63,7 +64,12 @@ class Analysis(NamedTuple):
 
 
 def analyze(
-    model: nn.Module, example_inputs: ExampleInputs = None, *, frontend: Frontend = "auto"
+    model: nn.Module,
+    example_inputs: ExampleInputs = None,
+    *,
+    leftover: Leftover = DEFAULT_LEFTOVER,
+    split: Split = DEFAULT_SPLIT,
+    frontend: Frontend = "auto",
 ) -> ConversionReport:
     """Find the residual blocks of ``model`` and say what conversion would do.
 
@@ -75,11 +81,13 @@ def analyze(
     if the model rejects the guesses, shapes stay unchecked
     (``report.shapes_checked`` is False).
 
-    ``frontend`` as in ``convert``. ``model`` is not modified. Raises
-    ``ConversionError`` when fx cannot trace ``model`` or it rejects the given
-    ``example_inputs``.
+    ``leftover``, ``split`` and ``frontend`` as in ``convert``. ``model`` is not
+    modified. Raises ``ConversionError`` when fx cannot trace ``model`` or it
+    rejects the given ``example_inputs``.
     """
-    return pipeline(model, example_inputs, rewrite=False, frontend=frontend).report
+    return pipeline(
+        model, example_inputs, rewrite=False, leftover=leftover, split=split, frontend=frontend
+    ).report
 
 
 def convert(
@@ -88,7 +96,7 @@ def convert(
     *,
     policy: Policy = "checkpoint",
     leftover: Leftover = DEFAULT_LEFTOVER,
-    split: Split = "halve",
+    split: Split = DEFAULT_SPLIT,
     exact: bool = False,
     exact_bits: int = 32,
     compile: Compile = False,
@@ -103,15 +111,16 @@ def convert(
     couplings, one ``ReversibleSequence`` per chain. Every other block is kept
     with a reason; ``report(gm)`` tells which and why.
 
-    ``split``: ``"halve"`` (default) splits the channels of a stage input in
+    ``split``: ``"halve"`` splits the channels of a stage input in
     two halves and builds F and G at half width (weights sliced from the
     original branches); blocks whose branch cannot be halved are kept.
     ``"duplicate"`` runs F and G at full width with their original weights on
     two copies of the stage input and outputs ``(y1 + y2) / 2`` (as in
     reversible vision transformers): any identity block whose branch keeps
     its input's shape qualifies (attention, token MLPs, channels-last blocks).
-    ``"auto"`` halves the stages whose blocks all can be halved and duplicates
-    the others; ``report(gm).stages`` says which split each stage uses.
+    ``"auto"`` (default, ``revcompile.options.DEFAULT_SPLIT``) halves the
+    stages whose blocks all can be halved and duplicates the others;
+    ``report(gm).stages`` says which split each stage uses.
 
     ``policy``: ``"checkpoint"`` (default) recomputes the non-reversible
     segments between stages (stem, downsampling blocks, leftovers, head) in
@@ -196,7 +205,7 @@ def pipeline(
     rewrite: bool,
     policy: Policy = "checkpoint",
     leftover: Leftover = DEFAULT_LEFTOVER,
-    split: Split = "halve",
+    split: Split = DEFAULT_SPLIT,
     exact: bool = False,
     exact_bits: int = 32,
     memory_budget: MemoryBudget | None = None,

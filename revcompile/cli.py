@@ -187,10 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--split",
         choices=options.choices(options.Split),
-        default="halve",
-        help="stage streams: channel halves (halve, default), two full-width copies "
+        default=options.DEFAULT_SPLIT,
+        help="stage streams: channel halves (halve), two full-width copies "
         "(duplicate, for attention and other blocks that cannot be halved) or halve "
-        "where possible and duplicate elsewhere (auto)",
+        "where possible and duplicate elsewhere (auto, default)",
     )
     convert.add_argument(
         "--report", metavar="FILE", help="also write the report as JSON (ConversionReport.to_dict)"

@@ -46,6 +46,16 @@ StageSplit = RuntimeSplit
 Split = Literal[StageSplit, "auto"]
 """The ``split`` option of ``convert``: a StageSplit for every stage, or chosen per stage."""
 
+DEFAULT_SPLIT: Split = "auto"
+"""The default of ``split`` (``convert``, ``analyze``, the CLI, the planning pass).
+
+``"auto"`` halves every chain whose branches all halve, as ``"halve"`` does, and
+duplicates the others (attention, branches with ops the halving pass does not
+know), which ``"halve"`` keeps as stored blocks. Chosen by ``benchmarks/split.py``
+(README "Choosing the split"); over the coverage list (README "Coverage of
+architectures") it makes 95% of the stride-1 identity blocks reversible against
+66% for ``"halve"``."""
+
 
 def choices(option: Any) -> tuple[str, ...]:
     """The allowed values of a ``Literal`` option type, in declaration order."""

@@ -249,7 +249,7 @@ def test_shapes_unknown_without_guessable_input() -> None:
 
 def test_odd_channel_count_is_kept() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), models.TorchAddBlock(3))
-    report = analyze(model, torch.randn(2, 3, 8, 8))
+    report = analyze(model, torch.randn(2, 3, 8, 8), split="halve")
     (block,) = report.blocks
     assert (block.fate, block.code) == ("kept", KeptReason.NOT_HALVABLE.value)
     assert "odd channel count" in block.detail
@@ -270,7 +270,7 @@ def test_half_leftover_and_branch_check() -> None:
         )
         for block, part in parts.items()
     }
-    refuse = plan(gm, blocks, rejected, unsplittable)
+    refuse = plan(gm, blocks, rejected, unsplittable, split="halve")
     assert refuse.stages == []
     identity_blocks = [bp for bp in refuse.blocks if bp.block.shortcut == "identity"]
     assert {(bp.reason, bp.detail) for bp in identity_blocks} == {

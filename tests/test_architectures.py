@@ -168,11 +168,11 @@ def test_architecture_converts_with_exact_gradients(name: str) -> None:
 def test_halve_keeps_attention_blocks_with_a_reason_naming_duplicate() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    vit = revcompile.analyze(small_vit_b_16(), x)
+    vit = revcompile.analyze(small_vit_b_16(), x, split="halve")
     attention = [b for b in vit.blocks if "MultiheadAttention" in (b.detail or "")]
     assert len(attention) == 2
     assert {b.code for b in attention} == {NOT_HALVABLE}
-    swin = revcompile.analyze(torchvision.models.swin_t(), x)
+    swin = revcompile.analyze(torchvision.models.swin_t(), x, split="halve")
     # ShiftedWindowAttention passes training=self.training to its functional body:
     # it is kept as a leaf module so that it reads its flag at run time.
     assert Counter(b.code for b in swin.kept) == {NOT_HALVABLE: 12}

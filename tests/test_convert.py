@@ -324,7 +324,7 @@ class OddChannelNet(nn.Module):
 def test_unsupported_blocks_are_kept_with_reason() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    gm = convert64(OddChannelNet(), x.float())
+    gm = convert64(OddChannelNet(), x.float(), split="halve")
     blocks = revcompile.report(gm).blocks
     assert {b.code for b in blocks} == {KeptReason.NOT_HALVABLE.value}
     assert all("odd channel count" in b.detail for b in blocks[:2])

@@ -116,3 +116,45 @@ def fake_saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
         total = sum(int(n) for n in recorder.live_nbytes())
         del output
     return total
+
+
+def rounding_sensitivity(module: nn.Module, x: torch.Tensor, trials: int = 3) -> float:
+    """How far one rounding of the stage inputs moves the ``reference_mode()`` step.
+
+    Every ``ReversibleSequence`` input is multiplied by ``1 + 2**-52 * N(0, 1)``
+    (about one float64 rounding, what reversible reconstruction does to it) and
+    the largest relative change of a parameter gradient (normalised as in
+    :func:`max_relative_error`) over ``trials`` draws is returned. No
+    reversible backward can be closer to the reference than this: an error of
+    its order is the network's conditioning, not a defect.
+    """
+    from revcompile import ReversibleSequence
+
+    want = _step(copy.deepcopy(module), x, reference=True)[2]
+    floor = 1e-3 * max((w.abs().max().item() for w in want if w is not None), default=0.0)
+    moved = 0.0
+    for trial in range(trials):
+        noisy = copy.deepcopy(module)
+        draws = torch.Generator().manual_seed(trial)
+
+        def perturb(_stage: nn.Module, args: tuple, draws: torch.Generator = draws) -> tuple:
+            noise = torch.randn(args[0].shape, dtype=args[0].dtype, generator=draws)
+            return (args[0] * (1 + 2.0**-52 * noise), *args[1:])
+
+        for stage in noisy.modules():
+            if isinstance(stage, ReversibleSequence):
+                stage.register_forward_pre_hook(perturb)
+        got = _step(noisy, x, reference=True)[2]
+        for g, w in zip(got, want):
+            if g is not None and w is not None:
+                moved = max(moved, _relative(g, w, floor))
+    return moved
+
+
+def bitwise_in_exact_mode(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the step of an ``exact=True`` conversion equals ``reference_mode()``'s
+    bit for bit (outputs, input gradient, parameter gradients, buffers)."""
+    got = _step(copy.deepcopy(module), x, reference=False)
+    want = _step(copy.deepcopy(module), x, reference=True)
+    pairs = [*zip(got[0], want[0]), (got[1], want[1]), *zip(got[2], want[2]), *zip(got[3], want[3])]
+    return all((a is None and b is None) or torch.equal(a, b) for a, b in pairs)

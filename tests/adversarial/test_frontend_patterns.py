@@ -100,12 +100,14 @@ def assert_same_structure(expected: object, actual: object) -> None:
             assert_same_structure(e, a)
 
 
-def check_stage_free(factory: Callable[[], nn.Module], *inputs: torch.Tensor) -> None:
+def check_stage_free(
+    factory: Callable[[], nn.Module], *inputs: torch.Tensor, **options: str
+) -> None:
     """Convert a model in which no block becomes reversible; it must be the original."""
     torch.manual_seed(0)
     model = factory().double()
     before = original_state(model)
-    gm = revcompile.convert(model, inputs)
+    gm = revcompile.convert(model, inputs, **options)
     assert_same_state(before, original_state(model))
     assert revcompile.report(gm).stages == []
     assert gm.state_dict().keys() == model.state_dict().keys()
@@ -193,7 +195,13 @@ class TorchDropPath(nn.Module):
 
 
 def test_torch_randomness_is_kept() -> None:
-    check_stage_free(lambda: Wrapper(TorchDropPath()), X)
+    # split="halve" keeps the block (x[:, :1] cannot be halved): the original function
+    check_stage_free(lambda: Wrapper(TorchDropPath()), X, split="halve")
+    # the default duplicates it: the same draws in the reversible backward's recomputation
+    torch.manual_seed(0)
+    gm = revcompile.convert(Wrapper(TorchDropPath()).double(), X)
+    assert [s.split for s in revcompile.report(gm).stages] == ["duplicate"]
+    compare_with_reference(gm.train(), X)
 
 
 # ------------------------------------------------- 2. train/eval-dependent code

@@ -92,7 +92,7 @@ def test_old_style_weight_hooks_are_kept_when_halving_and_copied_when_duplicatin
     model = nn.Sequential(nn.Conv2d(3, 8, 1), _HookedBlock(kind), _HookedBlock(kind)).double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     model(x)
-    halved = revcompile.report(revcompile.convert(model, x))
+    halved = revcompile.report(revcompile.convert(model, x, split="halve"))
     assert [b.code for b in halved.blocks] == ["not_halvable"] * 2
     assert "forward pre-hooks" in halved.blocks[0].reason
     gm = revcompile.convert(model, x, split="duplicate")

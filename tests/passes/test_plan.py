@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import models
+import pytest
 import torch
 from revcompile.passes.find_residuals import find_residuals
 from revcompile.passes.partition import partition
@@ -29,18 +30,21 @@ def test_stage_records_axis_and_width() -> None:
     assert result.partitions == parts
 
 
-def test_a_post_op_that_cannot_move_ends_the_chain() -> None:
+@pytest.mark.parametrize("split", ["halve", "auto"])
+def test_a_post_op_that_cannot_move_ends_the_chain(split: str) -> None:
     """Plan decides with the records emit builds from: no coupling whose pre-op
-    cannot move into its branch."""
+    cannot move into its branch. ``"auto"`` cuts the chain there too (every block
+    halves), instead of duplicating it whole."""
     gm, blocks, rejected, parts = _planned(models.cifar_resnet(20), torch.randn(models.CIFAR_INPUT))
     second = blocks[1]
     parts = dict(parts)
     parts[second] = dataclasses.replace(
         parts[second], pre_op_roles=None, pre_op_reason="post-op x cannot move into the branch"
     )
-    result = plan(gm, blocks, rejected, parts, leftover="store")
+    result = plan(gm, blocks, rejected, parts, leftover="store", split=split)
     fates = [bp.fate for bp in result.blocks[:3]]
     assert fates == ["kept", "F", "G"]
+    assert {stage.split for stage in result.stages} == {"halve"}
     assert result.blocks[0].reason is KeptReason.ODD_LEFTOVER
     assert result.stages[0].couplings[0].f_pre_op is None
 
