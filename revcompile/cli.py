@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow unpickling a whole-module SRC file: unpickling runs code named in the "
         "file, use it only for files you trust",
     )
+    source.add_argument(
+        "--frontend",
+        choices=options.choices(options.Frontend),
+        default="auto",
+        help="tracer: plain torch.fx (fx), shape-carrying (shapes, needs --input-shape) or fx "
+        "with shapes as fallback (auto, default)",
+    )
     source.add_argument("--debug", action="store_true", help="print the traceback of an error")
 
     parser = _Parser(
@@ -299,7 +306,7 @@ def run_convert(args: argparse.Namespace) -> int:
     x = _example_input(model, args.input_shape)
     gm = convert(
         model, x, policy=args.policy, leftover=args.leftover, split=args.split,
-        **cli_budget.convert_options(args),
+        frontend=args.frontend, **cli_budget.convert_options(args),
     )  # fmt: skip
     the_report = report(gm)
     print(the_report)
@@ -347,9 +354,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     x = _example_input(model, args.input_shape)
     memory: dict[str, Any] | None = None
     if x is None:
-        the_report = analyze(model)
+        the_report = analyze(model, frontend=args.frontend)
     else:
-        gm = convert(model, x, **cli_budget.convert_options(args))
+        gm = convert(model, x, frontend=args.frontend, **cli_budget.convert_options(args))
         the_report = report(gm)
         plan = the_report.budget
         memory = {

@@ -237,6 +237,7 @@ GOOD_CASES: dict[str, list[str]] = {
     "convert factory with weights": (
         ["convert", FACTORY, "--weights", "{state_dict}", "-o", "{out}/from_factory.pt"]
         + ["--policy", "store", "--leftover", "half", "--report", "{out}/report.json"]
+        + ["--split", "halve", "--frontend", "shapes", "--input-shape", INPUT]
     ),
     "inspect --json": ["inspect", FACTORY, "--input-shape", INPUT, "--budget", "1GiB", "--json"],
     "inspect": ["inspect", FACTORY, "--input-shape", INPUT, "--budget", "24GB"],
@@ -373,7 +374,7 @@ def test_convert_pickled_module_and_factory(runs: dict, files: dict[str, Path]) 
     model = torch.load(files["model"], weights_only=False)
     x = torch.randn(2, 3, 32, 32)
     _same_outputs(revcompile.load(files["out"] / "from_pickle.pt"), convert(model, x), x)
-    expected = convert(model, x, policy="store", leftover="half")
+    expected = convert(model, x, policy="store", leftover="half", split="halve", frontend="shapes")
     loaded = revcompile.load(files["out"] / "from_factory.pt")
     _same_outputs(loaded, expected, x)
     written = json.loads((files["out"] / "report.json").read_text())
