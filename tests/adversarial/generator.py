@@ -34,6 +34,8 @@ from checks import Subject
 from hypothesis import strategies as st
 from torch import nn
 
+from revcompile.options import DEFAULT_LEFTOVER, DEFAULT_SPLIT
+
 FAMILIES = (
     "conv",  # groups, depthwise, dilation, padding modes, bias on/off
     "norm",  # BN, GN, LN channels-last via permute, InstanceNorm, LayerNorm2d, none
@@ -111,9 +113,11 @@ class BlockSpec:
 
 @dataclass(frozen=True)
 class ConvertOptions:
+    """Options of ``convert``; the defaults are convert's own."""
+
     policy: str = "checkpoint"
-    leftover: str = "store"
-    split: str = "halve"
+    leftover: str = DEFAULT_LEFTOVER
+    split: str = DEFAULT_SPLIT
     pass_inputs: bool = True
 
     def kwargs(self) -> dict[str, str]:
@@ -357,7 +361,7 @@ def networks(draw, families: frozenset[str] | None = None, max_blocks: int = 5):
     if "options" in families:
         options = ConvertOptions(
             policy=draw(st.sampled_from(["checkpoint", "store"])),
-            leftover=draw(st.sampled_from(["store", "half"])),
+            leftover=draw(st.sampled_from(["store", "half", "single"])),
             split=draw(st.sampled_from(_SPLITS)),
             pass_inputs=draw(st.integers(0, 4)) > 0,
         )
