@@ -29,7 +29,8 @@ and the costs measured again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,7 +43,7 @@ from revcompile.passes.budget_solver import (
     solve,
 )
 from revcompile.passes.emit import build_stage
-from revcompile.passes.graph_utils import tensor_shape
+from revcompile.passes.graph_utils import recomputation_needs, tensor_shape
 from revcompile.passes.ir import CHECKPOINT_SPAN, BlockPlan, Plan, ResidualBlock, Stage
 from revcompile.passes.partition.inplace import copy_out_of_place
 from torch import nn
@@ -157,7 +158,10 @@ def _measured_problem(
     )
     problem = Problem(
         boundary_bytes=tuple(attribution.boundary_bytes),
-        options=(*_store_and_checkpoint(units, attribution), *stage_options),
+        options=(
+            *_store_and_checkpoint(units, attribution, _checkpointable(gm, units)),
+            *stage_options,
+        ),
     )
     return units, problem
 
@@ -216,11 +220,36 @@ def _shared_storage_cuts(units: _Units, attribution: Attribution) -> set[int]:
     return joined
 
 
-def _store_and_checkpoint(units: _Units, attribution: Attribution) -> list[Option]:
+def _checkpointable(gm: GraphModule, units: _Units) -> Callable[[int, int], bool]:
+    """Whether the run of units ``start..stop-1`` may be checkpointed: ``emit``
+    stores a run whose recomputation would not repeat its forward
+    (``graph_utils.recomputation_needs``: a hooked module, state written later
+    outside the run), so the plan must not count it as checkpointed."""
+    needs = recomputation_needs(gm)
+    unit_of = {node: u for u, nodes in enumerate(units.nodes) for node in nodes}
+    blocked: list[bool] = []
+    reach: list[tuple[float, float]] = []  # units holding the writes a unit needs
+    for nodes in units.nodes:
+        found = [needs(node) for node in nodes]
+        blocked.append(any(need is None for need in found))
+        writes = [unit_of.get(w, -1) for need in found if need for w in need]
+        reach.append((min(writes, default=math.inf), max(writes, default=-math.inf)))
+
+    def checkpointable(start: int, stop: int) -> bool:
+        return not any(blocked[start:stop]) and all(
+            low >= start and high < stop for low, high in reach[start:stop]
+        )
+
+    return checkpointable
+
+
+def _store_and_checkpoint(
+    units: _Units, attribution: Attribution, checkpointable: Callable[[int, int], bool]
+) -> list[Option]:
     """Store options (one per unit, as measured) and checkpoint options (every run
-    of units that starts at a tensor boundary: it saves that input only, and
-    holds what its units store internally and its inner boundaries while it is
-    recomputed)."""
+    of units that starts at a tensor boundary and is ``checkpointable``: it saves
+    that input only, and holds what its units store internally and its inner
+    boundaries while it is recomputed)."""
     n = len(units.nodes)
     boundary_of = {key: k for k, key in enumerate(attribution.boundary_keys) if key is not None}
     internal = [0] * n
@@ -247,7 +276,8 @@ def _store_and_checkpoint(units: _Units, attribution: Attribution) -> list[Optio
             held += internal[stop - 1] + (
                 attribution.boundary_bytes[stop - 1] if stop > start + 1 else 0
             )
-            found.append(Option(start, stop, "checkpoint", 0, True, False, flops, None, held))
+            if checkpointable(start, stop):
+                found.append(Option(start, stop, "checkpoint", 0, True, False, flops, None, held))
     return found
 
 

@@ -25,8 +25,7 @@ from collections.abc import Callable, Mapping
 from revcompile.passes.graph_utils import (
     common_module_prefix,
     graph_position,
-    has_hooks,
-    stale_state_reads,
+    recomputation_needs,
     unique_name,
 )
 from revcompile.passes.ir import (
@@ -143,18 +142,16 @@ def _read_state_where_used(gm: GraphModule, is_stage: Callable[[Node], bool]) ->
 
 
 def _recomputable(gm: GraphModule, runs: list[list[Node]]) -> list[list[Node]]:
-    """The runs whose recomputation repeats exactly what their forward did: none reads
-    a parameter or buffer that a write outside the run changes later
-    (``graph_utils.stale_state_reads``) or calls a module with the user's hooks (they
-    would run again in backward). The others are stored instead."""
-    stale = stale_state_reads(gm)
+    """The runs whose recomputation repeats exactly what their forward did
+    (``graph_utils.recomputation_needs``: no call of a hooked module, no read of
+    state that a write outside the run changes later). The others are stored."""
+    needs = recomputation_needs(gm)
 
-    def replays(node: Node, run: list[Node]) -> bool:
-        if node.op == "call_module" and has_hooks(gm.get_submodule(str(node.target))):
-            return False
-        return all(write in run for write in stale.get(node, []))
+    def replays(run: list[Node]) -> bool:
+        inside = set(run)
+        return all((need := needs(node)) is not None and need <= inside for node in run)
 
-    return [run for run in runs if all(replays(node, run) for node in run)]
+    return [run for run in runs if replays(run)]
 
 
 def _tagged_runs(gm: GraphModule) -> list[list[Node]]:

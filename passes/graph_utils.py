@@ -137,3 +137,21 @@ def drop_user_hooks(root: nn.Module) -> None:
                 k for k, hook in (hooks or {}).items() if not isinstance(hook, _WEIGHT_HOOKS)
             ]:
                 del hooks[key]
+
+
+def recomputation_needs(gm: GraphModule) -> Callable[[Node], frozenset[Node] | None]:
+    """What recomputing a node in backward (a checkpointed run) needs to repeat its
+    forward exactly: None when it never can (it calls a module with the user's
+    hooks, ``has_hooks``: they would run again), else the in-place writes made
+    later of the state it reads (``stale_state_reads``), which the recomputed run
+    must contain (or it would read the written values). ``emit`` stores the runs
+    that miss a need; the memory planner offers checkpointing only for the others.
+    """
+    stale = stale_state_reads(gm)
+
+    def needs(node: Node) -> frozenset[Node] | None:
+        if node.op == "call_module" and has_hooks(gm.get_submodule(str(node.target))):
+            return None
+        return frozenset(stale.get(node, ()))
+
+    return needs

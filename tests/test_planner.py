@@ -58,6 +58,32 @@ class DropoutNet(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+def _keep_features(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    module.features = output.detach()
+
+
+def hooked_stem() -> nn.Module:
+    """A forward hook on the stem (feature extraction): a checkpointed stem would run
+    its hook again in backward, so emit stores it; the plan must know."""
+    model = DropoutNet()
+    model.stem.register_forward_hook(_keep_features)
+    return model
+
+
+class DecayingScale(DropoutNet):
+    """A buffer read by the stem and written in place after the blocks: recomputing
+    the stem in backward would read the new value, so emit stores it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem(x) * self.scale)
+        self.scale.mul_(0.5)
+        return self.head(h.mean((2, 3)))
+
+
 def tiny_torchvision_resnet() -> nn.Module:
     return torchvision.models.resnet18(num_classes=10)
 
@@ -70,6 +96,8 @@ MODELS = {
     ),
     "preact_resnet20": (models.preact_resnet, models.CIFAR_INPUT),
     "dropout_net": (DropoutNet, (2, 3, 16, 16)),
+    "hooked_stem": (hooked_stem, (2, 3, 16, 16)),
+    "decaying_scale": (DecayingScale, (2, 3, 16, 16)),
     "torchvision_resnet18": (tiny_torchvision_resnet, (2, 3, 64, 64)),
 }
 
