@@ -25,7 +25,7 @@ import argparse
 import functools
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -86,6 +86,26 @@ def describe_reversible(model: nn.Module) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class RecipeChange:
+    """How one network's training departs from the digits recipe (say why in ``why``):
+    another learning rate, ``epochs_times`` times the epochs."""
+
+    why: str
+    lr: float | None = None
+    epochs_times: int = 1
+
+    def apply(self, recipe: Recipe) -> Recipe:
+        """``recipe`` with this change."""
+        lr = recipe.lr if self.lr is None else self.lr
+        return replace(recipe, lr=lr, epochs=self.epochs_times * recipe.epochs)
+
+    def text(self, recipe: Recipe) -> str:
+        """``lr 0.03, 30 epochs``: the changed recipe's values, for titles."""
+        changed = self.apply(recipe)
+        return f"lr {changed.lr:g}, {changed.epochs} epochs"
+
+
+@dataclass(frozen=True)
 class Comparison:
     """What one benchmark compares.
 
@@ -94,7 +114,8 @@ class Comparison:
     ``describe(model)`` gives the per-variant columns read from the conversion
     report (seed 0, policy checkpoint); ``columns`` are the ``(header, key)``
     pairs of the table before the shared measurement columns; ``title`` starts
-    the table's title; ``config`` is added to the run's recorded config.
+    the table's title; ``config`` is added to the run's recorded config;
+    ``recipe_changes`` says which networks train with another recipe.
     """
 
     title: str
@@ -107,6 +128,12 @@ class Comparison:
     describe: Callable[[nn.Module], dict[str, str]] = describe_reversible
     panels: tuple[tuple[str, str], ...] = PANELS
     config: dict[str, Any] = field(default_factory=dict)
+    recipe_changes: dict[str, RecipeChange] = field(default_factory=dict)
+
+    def recipe(self, network: str, recipe: Recipe) -> Recipe:
+        """The recipe ``network`` trains with."""
+        change = self.recipe_changes.get(network)
+        return recipe if change is None else change.apply(recipe)
 
 
 def digits_recipe(epochs: int, batch_size: int) -> Recipe:
@@ -187,7 +214,9 @@ def measure(
                 row["peak_bytes"] = (
                     None if args.no_peak else peak_step_memory(factory, shape, loss="cross_entropy")
                 )
-            result = train(model, variant, seed, data, recipe, show_progress=False)
+            result = train(
+                model, variant, seed, data, comparison.recipe(network, recipe), show_progress=False
+            )
             row["test_accuracy"] = result.final_test_accuracy
             row["final_train_loss"] = result.train_loss[-1]
             row["train_seconds"] = result.wall_seconds
@@ -223,9 +252,15 @@ def table(
 ) -> str:
     """Print the summary table and return it as Markdown."""
     threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
+    recipe = digits_recipe(args.epochs, args.batch)
+    changes = "".join(
+        f" ({network}: {change.text(recipe)})"
+        for network, change in comparison.recipe_changes.items()
+        if network in args.networks
+    )
     return print_table(
-        f"{comparison.title}, batch {args.batch}, {args.epochs} epochs, {args.seeds} seeds, "
-        f"{threads}; peak at batch {args.peak_batch} — {machine_line(meta['machine'])}",
+        f"{comparison.title}, batch {args.batch}, {args.epochs} epochs{changes}, {args.seeds} "
+        f"seeds, {threads}; peak at batch {args.peak_batch} — {machine_line(meta['machine'])}",
         [header for header, _ in comparison.columns]
         + [
             "params",
@@ -333,6 +368,11 @@ def run_comparison(
         | comparison.config
     )
     run.meta["recipe"] = vars(recipe)
+    if comparison.recipe_changes:
+        run.meta["recipe_changes"] = {
+            network: asdict(change) | {"recipe": vars(change.apply(recipe))}
+            for network, change in comparison.recipe_changes.items()
+        }
     data = load_data(args.quick)
     rows: list[dict[str, Any]] = []
     for network in args.networks:
