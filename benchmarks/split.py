@@ -9,13 +9,17 @@ branches all halve and duplicates the others. This script compares them on
 three digits networks written the way people write them, trained and measured
 with the digits recipe of :mod:`benchmarks.lib.digits`:
 
-* ``vit``: a small ViT (4x4 patch-embedding convolution, 16 tokens of width
-  32 with a learned position embedding, 4 pre-norm blocks of
-  ``nn.MultiheadAttention`` (4 heads) and a GELU MLP, mean-pooled tokens): the
+* ``vit``: a small ViT with a convolutional patch embedding (two 3x3 stride-2
+  convolutions with BatchNorm and ReLU, then 1x1: the "early convolutions"
+  stem of Xiao et al. 2021, which makes ViTs trainable with SGD), 16 tokens of
+  width 32 with a learned position embedding, 4 pre-norm blocks of
+  ``nn.MultiheadAttention`` (4 heads) and a GELU MLP, mean-pooled tokens: the
   attention blocks cannot halve, the MLP blocks between them can. It trains
-  with lr 0.03 for 5x the epochs: at the recipe's lr 0.1 (SGD, no BatchNorm)
-  it stayed at chance (10% after 6 epochs), and at lr 0.03 it reached 64%
-  after 6 epochs and 94% after 30 (one seed, original network);
+  with lr 0.03 for 5x the epochs. Tried on the original network: with a
+  single 4x4 patch convolution it stayed at chance at lr 0.1 (6 epochs) and for
+  one of two seeds at lr 0.03 (30 epochs), and reached 81-92% at lr 0.01 (30
+  epochs, 3 seeds); with the convolutional stem 37-74% at lr 0.1 (6 epochs) and
+  96-97% at lr 0.03 (30 epochs, 3 seeds);
 * ``convnext``: a small ConvNeXt (2x2 patchify stem, widths 16/32/64, two
   blocks per stage: depthwise 7x7, channels-first LayerNorm written as the
   official ConvNeXt code writes it (``x.mean(1)`` over channels), 1x1 MLP of
@@ -92,15 +96,26 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def conv_patch_embedding(dim: int) -> nn.Sequential:
+    """4x4 patches embedded by convolutions: 3x3 stride 2 twice (BatchNorm, ReLU), then 1x1."""
+    return nn.Sequential(
+        nn.Conv2d(1, dim // 2, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(dim // 2),
+        nn.ReLU(),
+        nn.Conv2d(dim // 2, dim, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(dim),
+        nn.ReLU(),
+        nn.Conv2d(dim, dim, 1),
+    )
+
+
 class ViT(nn.Module):
     """A ViT for ``SIZE``x``SIZE`` digits: patch embedding, ``depth`` blocks, mean pooling."""
 
-    def __init__(
-        self, dim: int = 32, depth: int = 4, heads: int = 4, patch: int = 4, mlp_ratio: int = 2
-    ) -> None:
+    def __init__(self, dim: int = 32, depth: int = 4, heads: int = 4, mlp_ratio: int = 2) -> None:
         super().__init__()
-        self.embed = nn.Conv2d(1, dim, patch, patch)
-        self.position = nn.Parameter(0.02 * torch.randn(1, (SIZE // patch) ** 2, dim))
+        self.embed = conv_patch_embedding(dim)
+        self.position = nn.Parameter(0.02 * torch.randn(1, (SIZE // 4) ** 2, dim))
         self.blocks = nn.Sequential(*(ViTBlock(dim, heads, mlp_ratio) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, CLASSES)
@@ -216,8 +231,8 @@ SPLIT = Comparison(
     panels=(*PANELS[:1], ("peak_bytes", "peak step MiB (policy=checkpoint)"), *PANELS[1:]),
     recipe_changes={
         "vit": RecipeChange(
-            why="SGD at lr 0.1 leaves this ViT (no BatchNorm) at chance; "
-            "at lr 0.03 it needs about 30 epochs",
+            why="SGD at lr 0.1 trains this ViT (no BatchNorm after the stem) to 37-74% "
+            "in 6 epochs; at lr 0.03 it needs about 30",
             lr=0.03,
             epochs_times=5,
         )
