@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
-import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks import _common as common
+from benchmarks.lib.environment import machine_line
+from benchmarks.lib.plots import pyplot, save_figure
+from benchmarks.lib.results import Run, add_results_dir, mib, print_table, ratio
 from revcompile.memory import peak_step_memory
 
 MODELS = ("resnet50", "resnet152")
@@ -63,6 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     parser.add_argument("--quick", action="store_true", help="resnet18, batch 2, 64x64")
+    add_results_dir(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batch, args.size = ["resnet18"], 2, 64
@@ -91,7 +92,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "param_bytes": params,
                     }
                 )
-                print(f"{model_name} {variant} {mode}: peak {common.mib(peak)} MiB", flush=True)
+                print(f"{model_name} {variant} {mode}: peak {mib(peak)} MiB", flush=True)
     return rows
 
 
@@ -104,7 +105,7 @@ def summary(rows: list[dict[str, Any]], models: list[str]) -> dict[str, Any]:
     """Per model and variant: peak in backward / peak normal (lower is better)."""
     return {
         model: {
-            variant: common.ratio(
+            variant: ratio(
                 _peak(rows, model, variant, "in_backward"), _peak(rows, model, variant, "normal")
             )
             for variant in VARIANTS
@@ -124,22 +125,22 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace, meta: dict[str, 
                 [
                     model,
                     variant,
-                    common.mib(params),
-                    common.mib(normal),
-                    common.mib(fused),
-                    f"{common.ratio(fused, normal):.2f}",
+                    mib(params),
+                    mib(normal),
+                    mib(fused),
+                    f"{ratio(fused, normal):.2f}",
                 ]
             )
     title = (
         f"Peak step memory (MiB), SGD lr=1e-3, batch {args.batch}, {args.size}x{args.size}, "
-        f"{args.device} -- {common.machine_line(meta['machine'])}"
+        f"{args.device} -- {machine_line(meta['machine'])}"
     )
     header = ["model", "variant", "parameters", "normal step", "in backward", "ratio"]
-    return f"{title}\n\n" + common.print_table(title, header, lines)
+    return f"{title}\n\n" + print_table(title, header, lines)
 
 
 def plot(rows: list[dict[str, Any]], args: argparse.Namespace, stem: Any, meta: dict) -> None:
-    plt = common.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     groups = [(m, v) for m in args.models for v in VARIANTS]
     width = 0.38
@@ -153,17 +154,15 @@ def plot(rows: list[dict[str, Any]], args: argparse.Namespace, stem: Any, meta: 
     ax.legend()
     ax.set_title(
         f"optimizer step in backward, batch {args.batch}, {args.size}x{args.size} -- "
-        f"{common.machine_line(meta['machine'])}",
+        f"{machine_line(meta['machine'])}",
         fontsize=9,
     )
-    common.save_figure(fig, stem)
+    save_figure(fig, stem)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    started = time.perf_counter()
-    meta = common.base_meta("optim_in_backward", argv, args.device)
+    args, run = Run.from_command_line("optim_in_backward", parse_args, argv)
+    meta = run.meta
     meta["config"] = {
         "models": args.models,
         "batch": args.batch,
@@ -177,12 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     rows = measure(args)
     meta["summary"] = summary(rows, args.models)
-    common.finish_meta(meta, started)
-    stem = common.result_stem("optim_in_backward", quick=args.quick, device=args.device)
-    common.write_results(stem, rows, meta)
-    stem.with_suffix(".md").write_text(table(rows, args, meta) + "\n")
-    plot(rows, args, stem, meta)
-    print(f"wrote {stem}.{{csv,json,md,png}}")
+    run.finish()
+    run.write(rows)
+    run.write_markdown([table(rows, args, meta)])
+    plot(rows, args, run.stem, meta)
+    run.report()
     return 0
 
 

@@ -12,6 +12,7 @@ results.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -215,3 +216,16 @@ def test_planner_quick_run(tmp_path) -> None:
         assert row["step_ratio"] > 0
     # a method that cannot reach a budget says so instead of measuring another configuration
     assert any(r["method"] == "checkpoint_per_block" and r["fits"] is False for r in rows)
+
+
+SCRIPTS = sorted(
+    p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "gpu")
+)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_script_imports_and_has_a_main(script: str) -> None:
+    """A script without a smoke test of its own still must import (optim_in_backward
+    imported a module removed long before, unnoticed)."""
+    module = importlib.import_module(f"benchmarks.{script}")
+    assert callable(module.main)
