@@ -18,8 +18,13 @@ With ``reads``/``writes`` slices (F: ``reads = slice(C//2, C)``,
 ``half(x[:, reads]) == full'(x)[:, writes]`` where ``full'`` is the original
 branch with the dropped input channels of its first mixing layers zeroed, in
 both train and eval mode (BatchNorm and GroupNorm statistics are per channel or
-per whole group; LayerNorm over the channel axis is the one op whose statistics
-change with halving).
+per whole group). Where the branch input or output channels are reduced
+together, the halved branch sees the kept half only: LayerNorm over the
+channel axis, a GroupNorm of one group, and ``mean`` / ``amax`` / ``amin`` over
+the channel axis change with halving, and so does a gate computed from the
+output channels (squeeze-excitation at the end of a bottleneck); ``sum`` and
+``norm`` over the input's channels equal those of the input with the dropped
+channels zeroed (``analysis``).
 """
 
 from __future__ import annotations
