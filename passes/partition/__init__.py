@@ -9,7 +9,8 @@ be halved. Planning decides with them; ``build_branch`` later copies a branch
 at half width from the record alone.
 
 Modules: ``analysis`` (channel spaces, union-find), ``rules`` (one rule per
-layer type: propagate + cut, one registry), ``slicing`` (per-layer cuts),
+layer type: propagate + cut, one registry; ``reshapes`` adds the rules for
+shape reads and reshapes), ``slicing`` (per-layer cuts),
 ``branch`` (branch extraction and the standalone copy), ``inplace``
 (out-of-place copies of in-place ops outside branches).
 
@@ -30,6 +31,7 @@ channels zeroed (``analysis``).
 from __future__ import annotations
 
 from revcompile.passes.ir import BranchPartition, ChannelRoles, ResidualBlock
+from revcompile.passes.partition import reshapes  # noqa: F401 (registers its rules)
 from revcompile.passes.partition.analysis import Analysis, add_pre_op, analyze
 from revcompile.passes.partition.branch import (
     branch_nodes,

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from revcompile.passes.ir import ChannelRoles, Side
 from revcompile.passes.ops import op_name
-from revcompile.passes.partition.rules import Value, rule_for
+from revcompile.passes.partition.rules import Size, Value, rule_for
 from torch.fx import GraphModule, Node
 
 from revcompile.errors import PartitionError
@@ -70,7 +70,7 @@ class Analysis:
     constants: set[Node]
     parent: list[int] = field(default_factory=list)
     widths: dict[int, int] = field(default_factory=dict)
-    values: dict[Node, Value] = field(default_factory=dict)
+    values: dict[Node, Value | Size] = field(default_factory=dict)
     # target -> (input space, output space) of each use
     modules: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     # target -> (space, dim) of each use of a per-channel parameter
@@ -145,7 +145,14 @@ class Analysis:
         """The value of the one tensor argument of a unary op (its first argument)."""
         if not node.args or not isinstance(node.args[0], Node) or len(node.all_input_nodes) != 1:
             raise PartitionError(f"unsupported use of {op_name(node)} in branch")
-        return self.values[node.args[0]]
+        return self.tensor(node.args[0], node)
+
+    def tensor(self, operand: Node, user: Node) -> Value:
+        """The value of ``operand`` read by ``user`` as a tensor (not a shape)."""
+        value = self.values[operand]
+        if not isinstance(value, Value):
+            raise PartitionError(f"{op_name(user)} of a shape in branch")
+        return value
 
     def require_axis(self, node: Node, value: Value, dim: int) -> None:
         """Pre for layers that read channels: ``value`` has channels, on axis ``dim``."""
@@ -234,7 +241,7 @@ class Analysis:
         tensors = [a for a in node.all_input_nodes if not self.is_constant(a)]
         if not tensors:
             raise PartitionError(f"unsupported use of {op_name(node)} in branch")
-        values = [self.values[t] for t in tensors]
+        values = [self.tensor(t, node) for t in tensors]
         carriers = [v for v in values if not v.channelless]
         if not carriers:
             first = _channelless_broadcast(values)
@@ -350,7 +357,7 @@ def analyze(
         except PartitionError as error:
             error.progress = position
             raise
-    out = self.values[branch_out].space
+    out = getattr(self.values[branch_out], "space", None)
     try:
         if out is None:
             raise PartitionError("branch output is a reduction over the channel dim")

@@ -80,7 +80,25 @@ class Value:
         return None if self.ndim is None else self.axis - self.ndim
 
 
-Propagate = Callable[["Analysis", Node, Any], "Value | None"]
+@dataclass(frozen=True)
+class Size:
+    """A shape read in the branch: ``x.shape`` (``index`` None) or one of its sizes."""
+
+    of: Value
+    index: int | None = None
+
+    def may_be_channel_count(self) -> bool:
+        """Whether this size is, or at an unknown rank may be, the channel count
+        (which halving changes). Pre: ``index`` is not None."""
+        assert self.index is not None
+        if self.of.axis is None:  # channel-less without a remnant
+            return False
+        if self.of.ndim is None and (self.index < 0) != (self.of.axis < 0):
+            return True
+        return self.of.axis_is(self.index)
+
+
+Propagate = Callable[["Analysis", Node, Any], "Value | Size | None"]
 Cut = Callable[[nn.Module, "slice | None", "slice | None"], nn.Module]
 
 
@@ -174,6 +192,8 @@ def _activation_functions() -> list[Callable[..., Any]]:
 @register(_MODULES, nn.Conv1d, nn.Conv2d, nn.Conv3d, cut=slice_conv)
 def _conv(a: Analysis, node: Node, mod: nn.Conv2d) -> Value | None:
     x = a.source(node)
+    if _along_channels(x, mod):  # copied whole: its weights index no channels
+        return x
     a.require_axis(node, x, 1)
     a.note_width(x.space, mod.in_channels)
     if mod.groups == 1:
@@ -182,6 +202,16 @@ def _conv(a: Analysis, node: Node, mod: nn.Conv2d) -> Value | None:
         return a.preserve(str(node.target), x)
     reason = f"grouped conv (groups={mod.groups}) at the branch boundary"
     return a.opaque(x, mod.out_channels, reason)
+
+
+def _along_channels(x: Value, mod: nn.Module) -> bool:
+    """Whether ``mod`` is a one-channel Conv1d over ``x``'s channel axis as its length,
+    keeping the length (timm's ECA, after ``.view(N, 1, -1)``). It keeps the space;
+    halved at the branch boundary it runs over the kept half, zero-padded at its ends."""
+    if not isinstance(mod, nn.Conv1d) or x.channelless or x.ndim != 3 or not x.axis_is(-1):
+        return False
+    same = mod.padding == "same" or 2 * mod.padding[0] == mod.dilation[0] * (mod.kernel_size[0] - 1)
+    return mod.in_channels == mod.out_channels == 1 and mod.stride == (1,) and same
 
 
 @register(_MODULES, nn.Linear, cut=slice_linear)
@@ -239,7 +269,7 @@ def _layernorm(a: Analysis, node: Node, mod: nn.LayerNorm) -> Value | None:
     return a.preserve(str(node.target), x)
 
 
-def _bind(node: Node, names: tuple[str, ...]) -> dict[str, Any]:
+def bind(node: Node, names: tuple[str, ...]) -> dict[str, Any]:
     """The arguments of a call_function/call_method node by parameter name."""
     return dict(zip(names, node.args)) | dict(node.kwargs)
 
@@ -251,7 +281,7 @@ def _functional_norm(a: Analysis, node: Node, bound: dict[str, Any], dim: int) -
     inp = bound.get("input")
     if not isinstance(inp, Node):
         return None
-    x = a.values[inp]
+    x = a.tensor(inp, node)
     a.require_axis(node, x, dim)
     for name in ("weight", "bias"):
         operand = bound.get(name)
@@ -267,7 +297,7 @@ def _functional_norm(a: Analysis, node: Node, bound: dict[str, Any], dim: int) -
 def _layer_norm_function(a: Analysis, node: Node, _: None) -> Value | None:
     """``F.layer_norm`` over the channel axis (timm's LayerNorm, LayerNorm2d):
     the normalized shape is rewritten when the channels are halved."""
-    bound = _bind(node, ("input", "normalized_shape", "weight", "bias", "eps"))
+    bound = bind(node, ("input", "normalized_shape", "weight", "bias", "eps"))
     shape = bound.get("normalized_shape")
     if not isinstance(shape, list | tuple) or len(shape) != 1:
         return None
@@ -282,7 +312,7 @@ def _group_norm_function(a: Analysis, node: Node, _: None) -> Value | None:
     """``F.group_norm`` on channels-first input (timm's GroupNorm1, GroupNorm): the
     group count must split into halves (even, or one group), and is rewritten when
     the channels are halved."""
-    bound = _bind(node, ("input", "num_groups", "weight", "bias", "eps"))
+    bound = bind(node, ("input", "num_groups", "weight", "bias", "eps"))
     groups = bound.get("num_groups")
     if not isinstance(groups, int):
         return None
@@ -295,7 +325,7 @@ def _group_norm_function(a: Analysis, node: Node, _: None) -> Value | None:
 @register(_FUNCTIONS, torch.unsqueeze)
 @register(_METHODS, "unsqueeze")
 def _unsqueeze(a: Analysis, node: Node, _: None) -> Value | None:
-    bound = _bind(node, ("input", "dim"))
+    bound = bind(node, ("input", "dim"))
     return a.unsqueeze(node, a.source(node), bound.get("dim"))
 
 
@@ -305,7 +335,7 @@ def _reduction(params: tuple[str, ...]) -> Propagate:
     torch's alias of ``dim``."""
 
     def propagate(a: Analysis, node: Node, _: None) -> Value | None:
-        bound = _bind(node, ("input", *params))
+        bound = bind(node, ("input", *params))
         dim = bound.get("dim", bound.get("axis"))
         return a.reduce(node, a.source(node), dim, bound.get("keepdim", False))
 
@@ -402,6 +432,8 @@ register(_METHODS, "add", "sub", "mul", "div")(_binary)
 # addcmul(input, t1, t2, value=v) = input + v * t1 * t2 (timm's GRN); addcdiv likewise
 register(_FUNCTIONS, torch.addcmul, torch.addcdiv)(_binary)
 register(_METHODS, "addcmul", "addcdiv")(_binary)
+# y.expand_as(x) broadcasts y to x's shape: their channels line up as in y * x
+register(_METHODS, "expand_as")(_binary)
 _DIM_REDUCTIONS = ("mean", "sum", "amax", "amin")
 for _params, _functions, _methods in (
     (("dim", "keepdim"), (torch.mean, torch.sum, torch.amax, torch.amin), _DIM_REDUCTIONS),

@@ -77,6 +77,20 @@ class LinearSqueezeExcite(nn.Module):
         return x * s.unsqueeze(-1).unsqueeze(-1)
 
 
+class EcaModule(nn.Module):
+    """timm's ``EcaModule`` (layers/eca.py): the channel means as a sequence
+    ``(N, 1, C)`` through a one-channel Conv1d, a gate viewed back to ``(N, C, 1, 1)``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean((2, 3)).view(x.shape[0], 1, -1)
+        y = torch.sigmoid(self.conv(y)).view(x.shape[0], -1, 1, 1)
+        return x * y.expand_as(x)
+
+
 class Bottleneck(nn.Module):
     """1x1 C -> 2C -> C with an SE on the inner width or on the output (SE-ResNeXt)."""
 
@@ -205,6 +219,8 @@ BRANCHES = {
     "se mean on the output": lambda: image_net(Bottleneck, SqueezeExcite, "out"),
     "se keepdim=False, Linear": lambda: image_net(Bottleneck, LinearSqueezeExcite, "inner"),
     "se keepdim=False on the output": lambda: image_net(Bottleneck, LinearSqueezeExcite, "out"),
+    "eca on the inner width": lambda: image_net(Bottleneck, EcaModule, "inner"),
+    "eca on the output": lambda: image_net(Bottleneck, EcaModule, "out"),
     "grn nchw": lambda: image_net(ConvNeXtV2Block, False),
     "grn channels-last": lambda: image_net(ConvNeXtV2Block, True),
     "group_norm one group": lambda: image_net(GroupNormMlp, 1),
@@ -322,6 +338,29 @@ def test_channel_sum_at_the_boundary_is_the_restriction_with_dropped_channels_ze
         torch.testing.assert_close(halved(Branch(), x, reads, writes), expected)
 
 
+def test_eca_on_the_output_runs_its_conv_over_the_written_half() -> None:
+    """The Conv1d along the channels is copied whole; halved, it slides over the
+    written half's channel means, zero-padded at the ends of the half."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.eca = nn.Conv2d(C, C, 3, padding=1), EcaModule(C)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.eca(self.conv(x))
+
+    block = Block().double()
+    x = torch.randn(2, C, 5, 5, dtype=torch.float64)
+    for reads, writes in ((HIGH, LOW), (LOW, HIGH)):
+        w, b = block.conv.weight[writes][:, reads], block.conv.bias[writes]
+        h = F.conv2d(x[:, reads], w, b, padding=1)
+        y = F.conv1d(h.mean((2, 3)).unsqueeze(1), block.eca.conv.weight, padding=1)
+        expected = h * torch.sigmoid(y).view(2, -1, 1, 1)
+        torch.testing.assert_close(halved(block, x, reads, writes), expected)
+
+
 # --------------------------------------------------------------------------- refused
 
 
@@ -366,6 +405,23 @@ REFUSED = {
         (2, C, 4, 4),
         "parameter gamma broadcast onto a channel reduction",
     ),
+    # a view that reads the channel count would reshape by the full width's number
+    "view reading the channel count": (
+        lambda m, x: x + m.conv(x).view(x.shape[0], x.shape[1], -1).view(x.shape),
+        (2, C, 4, 4),
+        "Tensor.view reads the channel count in branch",
+    ),
+    # a channel shuffle's view splits the channel dim: groups change with halving
+    "view splitting the channels": (
+        lambda m, x: x + m.conv(x).view(2, 2, -1, 4, 4).transpose(1, 2).reshape(x.shape),
+        (2, C, 4, 4),
+        "Tensor.view does not keep the channel dim whole",
+    ),
+    "view flattening the channels": (
+        lambda m, x: x + (m.conv(x).view(2, -1) * 2).view(x.shape),
+        (2, C, 4, 4),
+        "Tensor.view does not keep the channel dim whole",
+    ),
 }
 
 
@@ -398,6 +454,7 @@ TIMM = {
     # model: (input size, the reason its identity blocks may still be kept with, if any)
     "efficientnet_b0": (32, None),
     "convnextv2_atto": (32, None),
+    "ecaresnet26t": (32, None),
     # the token mixer ``pool(norm(x)) - norm(x)`` has no channel-mixing layer
     "poolformer_s12": (32, "branch has no channel-mixing layer"),
 }
