@@ -27,12 +27,13 @@ space ``IN``. Walking the branch forward in graph order, each op's rule
 At an inner space nothing changes with halving. At the branch boundary (the
 spaces ``IN`` and ``OUT``, which are sliced) every op sees the kept half
 only: a reduction over the channel axis reduces over the kept half (``mean``,
-``amax``, ``amin`` then differ from the full width's; ``sum`` and ``norm`` of the
-branch input equal those of the input with the dropped channels zeroed), like
-LayerNorm over the channel axis; a GroupNorm of one group normalises over the
-kept half, and a gate computed from the output channels (an SE at the end of
-a bottleneck) sees the written half. The halved branch is still a function of its half alone, which
-is all a coupling needs to be exactly invertible.
+``amax``, ``amin`` then differ from the full width's; ``sum`` and ``norm`` of
+the branch input equal those of the input with the dropped channels zeroed),
+like LayerNorm over the channel axis; a GroupNorm of one group normalises over
+the kept half; a gate computed from the output channels (an SE or ECA at the
+end of a bottleneck) sees the written half. The halved branch is still a
+function of its half alone, which is all a coupling needs to be exactly
+invertible.
 
 The space of the branch output is ``OUT``. The result is a frozen
 ``ChannelRoles``: for every module and parameter the side (``"in"``, ``"out"``

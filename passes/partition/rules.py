@@ -210,7 +210,8 @@ def _along_channels(x: Value, mod: nn.Module) -> bool:
     halved at the branch boundary it runs over the kept half, zero-padded at its ends."""
     if not isinstance(mod, nn.Conv1d) or x.channelless or x.ndim != 3 or not x.axis_is(-1):
         return False
-    same = mod.padding == "same" or 2 * mod.padding[0] == mod.dilation[0] * (mod.kernel_size[0] - 1)
+    span = mod.dilation[0] * (mod.kernel_size[0] - 1)
+    same = mod.padding == "same" or isinstance(mod.padding, tuple) and 2 * mod.padding[0] == span
     return mod.in_channels == mod.out_channels == 1 and mod.stride == (1,) and same
 
 
@@ -434,14 +435,11 @@ register(_FUNCTIONS, torch.addcmul, torch.addcdiv)(_binary)
 register(_METHODS, "addcmul", "addcdiv")(_binary)
 # y.expand_as(x) broadcasts y to x's shape: their channels line up as in y * x
 register(_METHODS, "expand_as")(_binary)
-_DIM_REDUCTIONS = ("mean", "sum", "amax", "amin")
-for _params, _functions, _methods in (
-    (("dim", "keepdim"), (torch.mean, torch.sum, torch.amax, torch.amin), _DIM_REDUCTIONS),
-    (("p", "dim", "keepdim"), (torch.norm,), ("norm",)),
-    (("ord", "dim", "keepdim"), (torch.linalg.vector_norm,), ()),
-):
-    register(_FUNCTIONS, *_functions)(_reduction(_params))
-    register(_METHODS, *_methods)(_reduction(_params))
+register(_FUNCTIONS, torch.mean, torch.sum, torch.amax, torch.amin)(_reduction(("dim", "keepdim")))
+register(_METHODS, "mean", "sum", "amax", "amin")(_reduction(("dim", "keepdim")))
+register(_FUNCTIONS, torch.norm)(_reduction(("p", "dim", "keepdim")))
+register(_METHODS, "norm")(_reduction(("p", "dim", "keepdim")))
+register(_FUNCTIONS, torch.linalg.vector_norm)(_reduction(("ord", "dim", "keepdim")))
 
 
 @register(_FUNCTIONS, torch.permute)

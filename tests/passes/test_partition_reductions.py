@@ -295,6 +295,29 @@ def test_functional_group_norm_is_rewritten_with_the_kept_groups(groups: int) ->
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_group_norm_module_of_one_group_normalises_the_kept_half() -> None:
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.conv = nn.GroupNorm(1, C), nn.Conv2d(C, C, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.conv(self.norm(x))
+
+    block = Block().double()
+    with torch.no_grad():
+        block.norm.weight.copy_(torch.rand(C) + 0.5)
+        block.norm.bias.copy_(torch.randn(C))
+    x = torch.randn(2, C, 4, 4, dtype=torch.float64)
+    for reads, writes in ((HIGH, LOW), (LOW, HIGH)):
+        norm = block.norm
+        h = F.group_norm(x[:, reads], 1, norm.weight[reads], norm.bias[reads], norm.eps)
+        expected = F.conv2d(h, block.conv.weight[writes][:, reads], block.conv.bias[writes])
+        torch.testing.assert_close(halved(block, x, reads, writes), expected)
+
+
 def test_odd_group_count_other_than_one_is_refused_at_the_boundary() -> None:
     _, part = traced_block(GroupNormMlp(3, width=6), torch.randn(2, 6, 4, 4))
     assert part.reason == "GroupNorm with odd group count"
