@@ -87,7 +87,8 @@ class ChannelRoles:
     whose channels are sliced to the sides of its input and output channels;
     ``attrs`` maps each per-channel parameter read by ``get_attr`` to its side
     and the dim of the tensor that indexes channels; ``normalized`` maps the
-    ``F.layer_norm`` calls to the side of the channels they normalize. A layer
+    ``F.layer_norm`` and ``F.group_norm`` calls to the side of the channels they
+    normalize (emit rewrites their size argument). A layer
     on side ``"in"`` keeps the channels the branch reads, one on ``"out"`` the
     channels it writes; inner layers (None) keep their width.
     """

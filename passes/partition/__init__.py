@@ -9,7 +9,8 @@ be halved. Planning decides with them; ``build_branch`` later copies a branch
 at half width from the record alone.
 
 Modules: ``analysis`` (channel spaces, union-find), ``rules`` (one rule per
-layer type: propagate + cut, one registry), ``slicing`` (per-layer cuts),
+layer type: propagate + cut, one registry; ``reshapes`` adds the rules for
+shape reads and reshapes), ``slicing`` (per-layer cuts),
 ``branch`` (branch extraction and the standalone copy), ``inplace``
 (out-of-place copies of in-place ops outside branches).
 
@@ -18,13 +19,19 @@ With ``reads``/``writes`` slices (F: ``reads = slice(C//2, C)``,
 ``half(x[:, reads]) == full'(x)[:, writes]`` where ``full'`` is the original
 branch with the dropped input channels of its first mixing layers zeroed, in
 both train and eval mode (BatchNorm and GroupNorm statistics are per channel or
-per whole group; LayerNorm over the channel axis is the one op whose statistics
-change with halving).
+per whole group). Where the branch input or output channels are reduced
+together, the halved branch sees the kept half only: LayerNorm over the
+channel axis, a GroupNorm of one group, and ``mean`` / ``amax`` / ``amin`` over
+the channel axis change with halving, and so does a gate computed from the
+output channels (squeeze-excitation at the end of a bottleneck); ``sum`` and
+``norm`` over the input's channels equal those of the input with the dropped
+channels zeroed (``analysis``).
 """
 
 from __future__ import annotations
 
 from revcompile.passes.ir import BranchPartition, ChannelRoles, ResidualBlock
+from revcompile.passes.partition import reshapes  # noqa: F401 (registers its rules)
 from revcompile.passes.partition.analysis import Analysis, add_pre_op, analyze
 from revcompile.passes.partition.branch import (
     branch_nodes,

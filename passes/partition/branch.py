@@ -14,12 +14,13 @@ import operator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from revcompile.passes.graph_utils import deep_copy
 from revcompile.passes.ir import BranchPartition, ChannelRoles, ResidualBlock, Side
 from revcompile.passes.ops import op_name, out_of_place, reads_metadata_only
-from revcompile.passes.partition.analysis import fetch_attr
+from revcompile.passes.partition.analysis import fetch_attr, reshaped_attr
 from revcompile.passes.partition.rules import module_rule
-from revcompile.passes.partition.slicing import fresh, kept_count, take
+from revcompile.passes.partition.slicing import fresh, kept_count, kept_groups, take
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
@@ -196,7 +197,8 @@ def build_branch(
                 attrs[str(arg.target)] = _copy_attr(gm, str(arg.target), roles, slices, memo)
         target, args, kwargs, inplace = out_of_place(node, gm)
         if roles is not None:
-            args, kwargs = _normalized_shape(node, args, kwargs, roles, slices)
+            args, kwargs = _normalized_sizes(node, args, kwargs, roles, slices)
+            args = _param_view_sizes(node, args, roles, slices)
         new_args, new_kwargs = map_arg((args, kwargs), env.__getitem__)
         name = node.name if target == node.target else None  # renamed: relu_ -> relu
         new = graph.create_node(node.op, target, new_args, new_kwargs, name, node.type)
@@ -275,16 +277,40 @@ def _copy_attr(
     return memo[key]
 
 
-def _normalized_shape(
+def _normalized_sizes(
     node: Node, args: tuple, kwargs: dict[str, Any], roles: ChannelRoles, slices: _SLICES
 ) -> tuple[tuple, dict[str, Any]]:
-    """``node``'s arguments with a halved ``F.layer_norm`` normalized shape."""
+    """``node``'s arguments with the size argument of a halved functional norm
+    rewritten: ``F.layer_norm``'s normalized shape, ``F.group_norm``'s group count."""
     if node not in roles.normalized:
         return args, kwargs
     index = slices[roles.normalized[node]]
     if index is None:
         return args, kwargs
-    width = (kept_count(roles.width, index),)
+    if node.target is F.group_norm:
+        name = "num_groups"
+        groups = args[1] if len(args) > 1 else kwargs[name]
+        size: Any = kept_groups(groups, roles.width, index)
+    else:
+        name, size = "normalized_shape", (kept_count(roles.width, index),)
     if len(args) > 1:
-        return (args[0], width, *args[2:]), kwargs
-    return args, {**kwargs, "normalized_shape": width}
+        return (args[0], size, *args[2:]), kwargs
+    return args, {**kwargs, name: size}
+
+
+def _param_view_sizes(node: Node, args: tuple, roles: ChannelRoles, slices: _SLICES) -> tuple:
+    """``node``'s arguments with the channel size of a reshape of a sliced per-channel
+    parameter written as -1 (poolformer's ``scale.view(64, 1, 1)``).
+
+    Pre: the analysis accepted the reshape (``reshaped_attr``), so its shape
+    (``tensor_meta``) has one size other than 1 when any size is explicit.
+    """
+    attr = None if node.op == "get_attr" else reshaped_attr(node)
+    if attr is None:
+        return args
+    side = roles.attrs.get(str(attr.target), (None, 0))[0]
+    meta = node.meta.get("tensor_meta")
+    if side is None or slices[side] is None or meta is None:
+        return args
+    sizes = tuple(1 if n == 1 else -1 for n in meta.shape)
+    return (args[0], sizes) if node.target is torch.reshape else (args[0], *sizes)

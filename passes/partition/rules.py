@@ -48,20 +48,57 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Value:
-    """The channel space of a tensor and where its channel axis is."""
+    """The channel space of a tensor and where its channel axis is.
 
-    space: int
-    axis: int  # as given: 1 (channels first) or -1 (channels last), or after a permute
+    A reduction over the channel axis gives a *channel-less* value (``space``
+    None): one number per sample and position, which element-wise ops
+    broadcast against channels without merging spaces. Its ``axis`` is a dim
+    known to have size 1 (the remnant of the channel axis with
+    ``keepdim=True``, or a dim ``unsqueeze`` added), or None.
+    """
+
+    space: int | None
+    axis: int | None  # as given: 1 (channels first) or -1 (channels last), or moved since
     ndim: int | None
+
+    @property
+    def channelless(self) -> bool:
+        return self.space is None
 
     def axis_is(self, dim: int) -> bool:
         """Whether the channel axis is ``dim``; False when the rank is needed but unknown."""
+        if self.axis is None:
+            return False
         if (self.axis < 0) == (dim < 0):
             return self.axis == dim
         return self.ndim is not None and self.axis % self.ndim == dim % self.ndim
 
+    def from_right(self) -> int | None:
+        """The channel axis (or its remnant) counted from the last dim (-1), if known."""
+        if self.axis is None or self.axis < 0:
+            return self.axis
+        return None if self.ndim is None else self.axis - self.ndim
 
-Propagate = Callable[["Analysis", Node, Any], "Value | None"]
+
+@dataclass(frozen=True)
+class Size:
+    """A shape read in the branch: ``x.shape`` (``index`` None) or one of its sizes."""
+
+    of: Value
+    index: int | None = None
+
+    def may_be_channel_count(self) -> bool:
+        """Whether this size is, or at an unknown rank may be, the channel count
+        (which halving changes). Pre: ``index`` is not None."""
+        assert self.index is not None
+        if self.of.axis is None:  # channel-less without a remnant
+            return False
+        if self.of.ndim is None and (self.index < 0) != (self.of.axis < 0):
+            return True
+        return self.of.axis_is(self.index)
+
+
+Propagate = Callable[["Analysis", Node, Any], "Value | Size | None"]
 Cut = Callable[[nn.Module, "slice | None", "slice | None"], nn.Module]
 
 
@@ -155,6 +192,8 @@ def _activation_functions() -> list[Callable[..., Any]]:
 @register(_MODULES, nn.Conv1d, nn.Conv2d, nn.Conv3d, cut=slice_conv)
 def _conv(a: Analysis, node: Node, mod: nn.Conv2d) -> Value | None:
     x = a.source(node)
+    if _along_channels(x, mod):  # copied whole: its weights index no channels
+        return x
     a.require_axis(node, x, 1)
     a.note_width(x.space, mod.in_channels)
     if mod.groups == 1:
@@ -163,6 +202,17 @@ def _conv(a: Analysis, node: Node, mod: nn.Conv2d) -> Value | None:
         return a.preserve(str(node.target), x)
     reason = f"grouped conv (groups={mod.groups}) at the branch boundary"
     return a.opaque(x, mod.out_channels, reason)
+
+
+def _along_channels(x: Value, mod: nn.Module) -> bool:
+    """Whether ``mod`` is a one-channel Conv1d over ``x``'s channel axis as its length,
+    keeping the length (timm's ECA, after ``.view(N, 1, -1)``). It keeps the space;
+    halved at the branch boundary it runs over the kept half, zero-padded at its ends."""
+    if not isinstance(mod, nn.Conv1d) or x.channelless or x.ndim != 3 or not x.axis_is(-1):
+        return False
+    span = mod.dilation[0] * (mod.kernel_size[0] - 1)
+    same = mod.padding == "same" or isinstance(mod.padding, tuple) and 2 * mod.padding[0] == span
+    return mod.in_channels == mod.out_channels == 1 and mod.stride == (1,) and same
 
 
 @register(_MODULES, nn.Linear, cut=slice_linear)
@@ -220,27 +270,77 @@ def _layernorm(a: Analysis, node: Node, mod: nn.LayerNorm) -> Value | None:
     return a.preserve(str(node.target), x)
 
 
-@register(_FUNCTIONS, F.layer_norm)
-def _layer_norm_function(a: Analysis, node: Node, _: None) -> Value | None:
-    """``F.layer_norm`` over the channel axis (timm's LayerNorm, LayerNorm2d):
-    weight and bias are per-channel parameters; the normalized shape is
-    rewritten when the channels are halved."""
-    names = ("input", "normalized_shape", "weight", "bias", "eps")
-    bound = dict(zip(names, node.args)) | dict(node.kwargs)
-    inp, shape = bound.get("input"), bound.get("normalized_shape")
-    if not isinstance(inp, Node) or not isinstance(shape, list | tuple) or len(shape) != 1:
+def bind(node: Node, names: tuple[str, ...]) -> dict[str, Any]:
+    """The arguments of a call_function/call_method node by parameter name."""
+    return dict(zip(names, node.args)) | dict(node.kwargs)
+
+
+def _functional_norm(a: Analysis, node: Node, bound: dict[str, Any], dim: int) -> Value | None:
+    """A functional norm of ``bound["input"]`` over channel axis ``dim`` whose optional
+    ``weight`` and ``bias`` are per-channel parameters; recorded in ``normalized`` so
+    that emit rewrites its size argument when the channels are halved."""
+    inp = bound.get("input")
+    if not isinstance(inp, Node):
         return None
-    x = a.values[inp]
-    a.require_axis(node, x, -1)
-    a.note_width(x.space, shape[0])
+    x = a.tensor(inp, node)
+    a.require_axis(node, x, dim)
     for name in ("weight", "bias"):
         operand = bound.get(name)
         if isinstance(operand, Node):
             if not a.is_constant(operand):
                 return None
-            a.channel_param(operand, x)
+            a.channel_param(operand, x, indexed=True)
     a.normalized.append((node, x.space))
     return x
+
+
+@register(_FUNCTIONS, F.layer_norm)
+def _layer_norm_function(a: Analysis, node: Node, _: None) -> Value | None:
+    """``F.layer_norm`` over the channel axis (timm's LayerNorm, LayerNorm2d):
+    the normalized shape is rewritten when the channels are halved."""
+    bound = bind(node, ("input", "normalized_shape", "weight", "bias", "eps"))
+    shape = bound.get("normalized_shape")
+    if not isinstance(shape, list | tuple) or len(shape) != 1:
+        return None
+    x = _functional_norm(a, node, bound, -1)
+    if x is not None:
+        a.note_width(x.space, shape[0])
+    return x
+
+
+@register(_FUNCTIONS, F.group_norm)
+def _group_norm_function(a: Analysis, node: Node, _: None) -> Value | None:
+    """``F.group_norm`` on channels-first input (timm's GroupNorm1, GroupNorm): the
+    group count must split into halves (even, or one group), and is rewritten when
+    the channels are halved."""
+    bound = bind(node, ("input", "num_groups", "weight", "bias", "eps"))
+    groups = bound.get("num_groups")
+    if not isinstance(groups, int):
+        return None
+    x = _functional_norm(a, node, bound, 1)
+    if x is not None:
+        a.group_counts.append((x.space, groups))
+    return x
+
+
+@register(_FUNCTIONS, torch.unsqueeze)
+@register(_METHODS, "unsqueeze")
+def _unsqueeze(a: Analysis, node: Node, _: None) -> Value | None:
+    bound = bind(node, ("input", "dim"))
+    return a.unsqueeze(node, a.source(node), bound.get("dim"))
+
+
+def _reduction(params: tuple[str, ...]) -> Propagate:
+    """A reduction whose parameters after the input are ``params``: over ``dim``
+    (every dim when absent) with ``keepdim``, see ``Analysis.reduce``; ``axis=`` is
+    torch's alias of ``dim``."""
+
+    def propagate(a: Analysis, node: Node, _: None) -> Value | None:
+        bound = bind(node, ("input", *params))
+        dim = bound.get("dim", bound.get("axis"))
+        return a.reduce(node, a.source(node), dim, bound.get("keepdim", False))
+
+    return propagate
 
 
 def _unary(a: Analysis, node: Node, _: Any) -> Value | None:
@@ -330,6 +430,16 @@ register(
     torch.div,
 )(_binary)
 register(_METHODS, "add", "sub", "mul", "div")(_binary)
+# addcmul(input, t1, t2, value=v) = input + v * t1 * t2 (timm's GRN); addcdiv likewise
+register(_FUNCTIONS, torch.addcmul, torch.addcdiv)(_binary)
+register(_METHODS, "addcmul", "addcdiv")(_binary)
+# y.expand_as(x) broadcasts y to x's shape: their channels line up as in y * x
+register(_METHODS, "expand_as")(_binary)
+register(_FUNCTIONS, torch.mean, torch.sum, torch.amax, torch.amin)(_reduction(("dim", "keepdim")))
+register(_METHODS, "mean", "sum", "amax", "amin")(_reduction(("dim", "keepdim")))
+register(_FUNCTIONS, torch.norm)(_reduction(("p", "dim", "keepdim")))
+register(_METHODS, "norm")(_reduction(("p", "dim", "keepdim")))
+register(_FUNCTIONS, torch.linalg.vector_norm)(_reduction(("ord", "dim", "keepdim")))
 
 
 @register(_FUNCTIONS, torch.permute)

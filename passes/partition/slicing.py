@@ -106,17 +106,31 @@ def slice_batchnorm(bn: nn.Module, index: slice) -> nn.Module:
 def slice_groupnorm(gn: nn.GroupNorm, index: slice) -> nn.GroupNorm:
     """Keep channels ``index`` of a GroupNorm copy, with the groups covering them.
 
-    Pre: ``index`` is a union of whole groups (an even group count and a half).
-    Post: ``num_groups`` and ``num_channels`` scaled by the kept fraction, so
-    every kept group normalizes exactly the channels it did before.
+    Pre: ``index`` is a union of whole groups (an even group count and a half),
+    or there is one group. Post: ``num_channels`` is the kept count; with
+    several groups ``num_groups`` is scaled by the kept fraction, so every kept
+    group normalizes exactly the channels it did before; one group stays one,
+    normalizing over the kept channels (as LayerNorm over the channel axis).
     """
-    per_group = gn.num_channels // gn.num_groups
     kept = kept_count(gn.num_channels, index)
-    if kept % per_group or range(gn.num_channels)[index].start % per_group:
-        raise PartitionError("GroupNorm with odd group count")
+    gn.num_groups = kept_groups(gn.num_groups, gn.num_channels, index)
     slice_tensors(gn, ("weight", "bias"), 0, index)
-    gn.num_channels, gn.num_groups = kept, kept // per_group
+    gn.num_channels = kept
     return gn
+
+
+def kept_groups(groups: int, channels: int, index: slice) -> int:
+    """The group count of a group norm of ``channels`` in ``groups`` that keeps ``index``.
+
+    Raises PartitionError unless ``index`` is a union of whole groups or ``groups == 1``.
+    """
+    if groups == 1:
+        return 1
+    per_group = channels // groups
+    kept = kept_count(channels, index)
+    if kept % per_group or range(channels)[index].start % per_group:
+        raise PartitionError("GroupNorm with odd group count")
+    return kept // per_group
 
 
 def slice_layernorm(ln: nn.LayerNorm, index: slice) -> nn.LayerNorm:
