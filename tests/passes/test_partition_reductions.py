@@ -239,7 +239,7 @@ def test_branch_becomes_a_coupling_and_is_exact(name: str) -> None:
     torch.manual_seed(0)
     model = randomize(BRANCHES[name]()).double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    gm = revcompile.convert(model, x)
+    gm = revcompile.convert(model, x, split="halve")
     fates = [(b.fate, b.code, b.reason) for b in blocks_of(gm) if b.code != "inside_block"]
     assert [fate for fate, _, _ in fates] == ["F", "G"], fates
     compare_with_reference(gm, x, rtol=1e-10)
@@ -249,7 +249,7 @@ def test_token_gate_becomes_a_coupling_and_is_exact() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, C), TokenGate(), TokenGate()).double()
     x = torch.randn(2, 5, 4, dtype=torch.float64)
-    gm = revcompile.convert(model, x)
+    gm = revcompile.convert(model, x, split="halve")
     assert [b.fate for b in blocks_of(gm)] == ["F", "G"]
     compare_with_reference(gm, x, rtol=1e-10)
 
@@ -457,7 +457,7 @@ def test_uses_that_halving_would_break_are_kept_with_the_reason(name: str) -> No
     assert part.roles is None and part.reason == reason
     net = nn.Sequential(model, Gamma(body)).double()
     expected = net(x)  # the original runs at this shape
-    gm = revcompile.convert(net, x)
+    gm = revcompile.convert(net, x, split="halve")
     # find_residuals may refuse it first (a channel-less output is a ``broadcast`` add)
     assert {b.fate for b in blocks_of(gm) if b.shortcut == "identity"} == {"kept"}
     assert torch.equal(gm(x), expected)
@@ -490,7 +490,7 @@ def test_timm_blocks_with_reductions_and_group_norm_become_couplings(name: str) 
     size, allowed = TIMM[name]
     model = timm_model(name)
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
-    gm = revcompile.convert(model, x)
+    gm = revcompile.convert(model, x, split="halve")
     blocks = [b for b in blocks_of(gm) if b.shortcut == "identity" and b.code != "inside_block"]
     kept = [b for b in blocks if b.fate == "kept"]
     assert all(allowed is not None and b.detail == allowed for b in kept), kept
