@@ -36,7 +36,7 @@ def test_coverage_run_on_two_models(tmp_path) -> None:
         check = row["gradient_check"]
         assert check["status"] == "passed" and check["max_rel_err"] <= 1e-9, check
         assert 0 < row["saved_ratio"] < 1
-        assert row["auto"]["status"] == "converted"
+        assert row["halve"]["status"] == "converted"
     totals = saved["meta"]["totals"]
     identity = sum(r["identity_blocks"] for r in rows.values())
     assert totals["share"] == sum(r["reversible_identity"] for r in rows.values()) / identity
