@@ -22,7 +22,7 @@ halve with ``split="halve"`` stays kept with its inner blocks.
 from __future__ import annotations
 
 from revcompile.passes.ir import ResidualBlock
-from revcompile.passes.plan import _chains
+from revcompile.passes.plan import residual_chains
 
 from revcompile.conversion_report import KeptReason
 
@@ -49,7 +49,7 @@ def resolve_nesting(blocks: list[ResidualBlock]) -> None:
         block: len(chain)
         for level in levels.values()
         # plan's chains without its halving test (``follows``)
-        for chain in _chains(level[0].join.graph.owning_module, level, lambda *_: True)
+        for chain in residual_chains(level[0].join.graph.owning_module, level, lambda *_: True)
         for block in chain
     }
     for outer in sorted(blocks, key=lambda b: len(b.region), reverse=True):

@@ -198,7 +198,7 @@ def _stages(
     candidates = [block for block in blocks if kept[block] is None]
     stages: list[Stage] = []
     used_names = set(dict(gm.named_modules())) | set(dir(gm))
-    chains = _chains(gm, candidates, _follows(partitions, split))
+    chains = residual_chains(gm, candidates, _follows(partitions, split))
     if split == "auto":
         chains = [run for chain in chains for run in _halving_runs(chain, partitions) or [chain]]
     for chain in chains:
@@ -370,7 +370,7 @@ def _kept_reason(
     return None
 
 
-def _chains(
+def residual_chains(
     gm: GraphModule,
     candidates: list[ResidualBlock],
     follows: Callable[[ResidualBlock, ResidualBlock], bool],

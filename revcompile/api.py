@@ -118,9 +118,10 @@ def convert(
     two copies of the stage input and outputs ``(y1 + y2) / 2`` (as in
     reversible vision transformers): any identity block whose branch keeps
     its input's shape qualifies (attention, token MLPs, channels-last blocks).
-    ``"auto"`` (default, ``revcompile.options.DEFAULT_SPLIT``) halves the
-    stages whose blocks all can be halved and duplicates the others;
-    ``report(gm).stages`` says which split each stage uses.
+    ``"auto"`` (default, ``revcompile.options.DEFAULT_SPLIT``) halves each
+    chain whose blocks all can be halved (cut where ``"halve"`` would cut it)
+    and duplicates the others; ``report(gm).stages`` says which split each
+    stage uses.
 
     ``policy``: ``"checkpoint"`` (default) recomputes the non-reversible
     segments between stages (stem, downsampling blocks, leftovers, head) in

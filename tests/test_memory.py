@@ -363,9 +363,8 @@ def test_reversible_backward_recomputes_one_branch_at_a_time():
     gradient of the scale: 16 halves. Keeping the previous branch's output and
     input gradient alive as well measured 19 halves.
 
-    Measured at batch 64, 128 and 256, three runs each: 16 halves minus 16 to
-    156 KiB, independent of the batch. The bound is the 16 halves plus the RSS
-    noise of the measurement, which alone put one CI run 48 KiB over them.
+    The bound is the 16 halves plus the RSS noise of the measurement, which
+    alone put one CI run 48 KiB over them.
     """
     half = 128 * 8 * 32 * 32 * 4
     peak = peak_step_memory(reversible_stage, (128, 16, 32, 32), loss="sum")

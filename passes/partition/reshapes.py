@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from revcompile.passes.ops import op_name
-from revcompile.passes.partition.rules import _FUNCTIONS, _METHODS, Size, Value, bind, register
+from revcompile.passes.partition.rules import FUNCTIONS, METHODS, Size, Value, bind, register
 from torch.fx import Node
 
 from revcompile.errors import PartitionError
@@ -25,14 +25,14 @@ if TYPE_CHECKING:
     from revcompile.passes.partition.analysis import Analysis
 
 
-@register(_FUNCTIONS, getattr)
+@register(FUNCTIONS, getattr)
 def _getattr(a: Analysis, node: Node, _: None) -> Size | None:
     if len(node.args) != 2 or node.args[1] != "shape" or not isinstance(node.args[0], Node):
         return None
     return Size(a.tensor(node.args[0], node))
 
 
-@register(_METHODS, "size")
+@register(METHODS, "size")
 def _size(a: Analysis, node: Node, _: None) -> Size | None:
     dim = bind(node, ("input", "dim")).get("dim")
     if dim is not None and not isinstance(dim, int):
@@ -40,7 +40,7 @@ def _size(a: Analysis, node: Node, _: None) -> Size | None:
     return Size(a.source(node), dim)
 
 
-@register(_FUNCTIONS, operator.getitem)
+@register(FUNCTIONS, operator.getitem)
 def _getitem(a: Analysis, node: Node, _: None) -> Size | None:
     """One size of a shape read (``x.shape[0]``); indexing tensors is not supported."""
     seq, index = node.args
@@ -50,7 +50,7 @@ def _getitem(a: Analysis, node: Node, _: None) -> Size | None:
     return Size(shape.of, index)
 
 
-@register(_METHODS, "view", "reshape")
+@register(METHODS, "view", "reshape")
 def _view(a: Analysis, node: Node, _: None) -> Value | None:
     sizes = node.args[1:]
     if len(sizes) == 1 and isinstance(sizes[0], list | tuple):
@@ -58,7 +58,7 @@ def _view(a: Analysis, node: Node, _: None) -> Value | None:
     return _reshape(a, node, sizes)
 
 
-@register(_FUNCTIONS, torch.reshape)
+@register(FUNCTIONS, torch.reshape)
 def _reshape_function(a: Analysis, node: Node, _: None) -> Value | None:
     return _reshape(a, node, node.args[1] if len(node.args) == 2 else None)
 

@@ -111,9 +111,9 @@ class Rule:
     cut: Cut | None = None
 
 
-_MODULES: dict[type | str, Rule] = {}
-_FUNCTIONS: dict[Callable[..., Any] | str, Rule] = {}
-_METHODS: dict[str, Rule] = {}
+MODULES: dict[type | str, Rule] = {}
+FUNCTIONS: dict[Callable[..., Any] | str, Rule] = {}
+METHODS: dict[str, Rule] = {}
 
 
 def register(
@@ -132,9 +132,9 @@ def register(
 def module_rule(mod: nn.Module) -> Rule | None:
     """The rule of a module: by class along its MRO, then by class name."""
     for cls in type(mod).__mro__:
-        if cls in _MODULES:
-            return _MODULES[cls]
-    return _MODULES.get(type(mod).__name__)
+        if cls in MODULES:
+            return MODULES[cls]
+    return MODULES.get(type(mod).__name__)
 
 
 def rule_for(node: Node, gm: GraphModule) -> Rule | None:
@@ -142,10 +142,10 @@ def rule_for(node: Node, gm: GraphModule) -> Rule | None:
     if node.op == "call_module":
         return module_rule(gm.get_submodule(str(node.target)))
     if node.op == "call_function":
-        rule = _FUNCTIONS.get(node.target)
-        return rule if rule is not None else _FUNCTIONS.get(_get_qualified_name(node.target))
+        rule = FUNCTIONS.get(node.target)
+        return rule if rule is not None else FUNCTIONS.get(_get_qualified_name(node.target))
     if node.op == "call_method":
-        return _METHODS.get(method_base(str(node.target)))
+        return METHODS.get(method_base(str(node.target)))
     return None
 
 
@@ -189,7 +189,7 @@ def _activation_functions() -> list[Callable[..., Any]]:
 # --------------------------------------------------------------------------- rules
 
 
-@register(_MODULES, nn.Conv1d, nn.Conv2d, nn.Conv3d, cut=slice_conv)
+@register(MODULES, nn.Conv1d, nn.Conv2d, nn.Conv3d, cut=slice_conv)
 def _conv(a: Analysis, node: Node, mod: nn.Conv2d) -> Value | None:
     x = a.source(node)
     if _along_channels(x, mod):  # copied whole: its weights index no channels
@@ -215,7 +215,7 @@ def _along_channels(x: Value, mod: nn.Module) -> bool:
     return mod.in_channels == mod.out_channels == 1 and mod.stride == (1,) and same
 
 
-@register(_MODULES, nn.Linear, cut=slice_linear)
+@register(MODULES, nn.Linear, cut=slice_linear)
 def _linear(a: Analysis, node: Node, mod: nn.Linear) -> Value | None:
     x = a.source(node)
     if x.ndim is None and x.axis == 1:  # rank unknown: channels-first Linear is (N, C)
@@ -237,30 +237,30 @@ def _channel_norm(width: Callable[[Any], int]) -> Propagate:
     return propagate
 
 
-register(_MODULES, nn.modules.batchnorm._BatchNorm, cut=_per_channel(slice_batchnorm))(
+register(MODULES, nn.modules.batchnorm._BatchNorm, cut=_per_channel(slice_batchnorm))(
     _channel_norm(lambda mod: mod.num_features)
 )
 # torchvision's detection backbones: per-channel buffers, no num_features attribute.
-register(_MODULES, "FrozenBatchNorm2d", cut=_per_channel(slice_batchnorm))(
+register(MODULES, "FrozenBatchNorm2d", cut=_per_channel(slice_batchnorm))(
     _channel_norm(lambda mod: mod.weight.shape[0])
 )
 
 
-@register(_MODULES, nn.GroupNorm, cut=_per_channel(slice_groupnorm))
+@register(MODULES, nn.GroupNorm, cut=_per_channel(slice_groupnorm))
 def _groupnorm(a: Analysis, node: Node, mod: nn.GroupNorm) -> Value | None:
     value = _channel_norm(lambda m: m.num_channels)(a, node, mod)
     a.group_counts.append((value.space, mod.num_groups))
     return value
 
 
-@register(_MODULES, nn.PReLU, cut=_per_channel(slice_prelu))
+@register(MODULES, nn.PReLU, cut=_per_channel(slice_prelu))
 def _prelu(a: Analysis, node: Node, mod: nn.PReLU) -> Value | None:
     if mod.num_parameters == 1:  # one shared slope: nothing to slice
         return a.source(node)
     return _channel_norm(lambda m: m.num_parameters)(a, node, mod)
 
 
-@register(_MODULES, nn.LayerNorm, cut=_per_channel(slice_layernorm))
+@register(MODULES, nn.LayerNorm, cut=_per_channel(slice_layernorm))
 def _layernorm(a: Analysis, node: Node, mod: nn.LayerNorm) -> Value | None:
     x = a.source(node)
     if len(mod.normalized_shape) != 1:
@@ -294,7 +294,7 @@ def _functional_norm(a: Analysis, node: Node, bound: dict[str, Any], dim: int) -
     return x
 
 
-@register(_FUNCTIONS, F.layer_norm)
+@register(FUNCTIONS, F.layer_norm)
 def _layer_norm_function(a: Analysis, node: Node, _: None) -> Value | None:
     """``F.layer_norm`` over the channel axis (timm's LayerNorm, LayerNorm2d):
     the normalized shape is rewritten when the channels are halved."""
@@ -308,7 +308,7 @@ def _layer_norm_function(a: Analysis, node: Node, _: None) -> Value | None:
     return x
 
 
-@register(_FUNCTIONS, F.group_norm)
+@register(FUNCTIONS, F.group_norm)
 def _group_norm_function(a: Analysis, node: Node, _: None) -> Value | None:
     """``F.group_norm`` on channels-first input (timm's GroupNorm1, GroupNorm): the
     group count must split into halves (even, or one group), and is rewritten when
@@ -323,8 +323,8 @@ def _group_norm_function(a: Analysis, node: Node, _: None) -> Value | None:
     return x
 
 
-@register(_FUNCTIONS, torch.unsqueeze)
-@register(_METHODS, "unsqueeze")
+@register(FUNCTIONS, torch.unsqueeze)
+@register(METHODS, "unsqueeze")
 def _unsqueeze(a: Analysis, node: Node, _: None) -> Value | None:
     bound = bind(node, ("input", "dim"))
     return a.unsqueeze(node, a.source(node), bound.get("dim"))
@@ -360,7 +360,7 @@ def _binary(a: Analysis, node: Node, _: Any) -> Value | None:
 
 
 register(
-    _MODULES,
+    MODULES,
     *_activation_modules(),
     nn.Identity,
     nn.Dropout,
@@ -368,7 +368,7 @@ register(
     *STOCHASTIC_DEPTH_CLASS_NAMES,
 )(_unary)
 register(
-    _FUNCTIONS,
+    FUNCTIONS,
     *_activation_functions(),
     torch.clamp,
     torch.clamp_,
@@ -380,7 +380,7 @@ register(
     *STOCHASTIC_DEPTH_FUNCTIONS,
 )(_unary)
 register(
-    _METHODS,
+    METHODS,
     *(name for name in ELEMENTWISE_ACTIVATIONS if hasattr(torch.Tensor, name)),
     "clamp",
     "exp",
@@ -389,14 +389,14 @@ register(
     "clone",
 )(_unary)
 register(
-    _MODULES,
+    MODULES,
     nn.Dropout1d,
     nn.Dropout2d,
     nn.Dropout3d,
     *SPATIAL_MODULES,
 )(_spatial)
 register(
-    _FUNCTIONS,
+    FUNCTIONS,
     F.dropout1d,
     F.dropout2d,
     F.dropout3d,
@@ -415,7 +415,7 @@ register(
     F.interpolate,
 )(_spatial)
 register(
-    _FUNCTIONS,
+    FUNCTIONS,
     operator.add,
     operator.sub,
     operator.mul,
@@ -429,31 +429,31 @@ register(
     torch.mul,
     torch.div,
 )(_binary)
-register(_METHODS, "add", "sub", "mul", "div")(_binary)
+register(METHODS, "add", "sub", "mul", "div")(_binary)
 # addcmul(input, t1, t2, value=v) = input + v * t1 * t2 (timm's GRN); addcdiv likewise
-register(_FUNCTIONS, torch.addcmul, torch.addcdiv)(_binary)
-register(_METHODS, "addcmul", "addcdiv")(_binary)
+register(FUNCTIONS, torch.addcmul, torch.addcdiv)(_binary)
+register(METHODS, "addcmul", "addcdiv")(_binary)
 # y.expand_as(x) broadcasts y to x's shape: their channels line up as in y * x
-register(_METHODS, "expand_as")(_binary)
-register(_FUNCTIONS, torch.mean, torch.sum, torch.amax, torch.amin)(_reduction(("dim", "keepdim")))
-register(_METHODS, "mean", "sum", "amax", "amin")(_reduction(("dim", "keepdim")))
-register(_FUNCTIONS, torch.norm)(_reduction(("p", "dim", "keepdim")))
-register(_METHODS, "norm")(_reduction(("p", "dim", "keepdim")))
-register(_FUNCTIONS, torch.linalg.vector_norm)(_reduction(("ord", "dim", "keepdim")))
+register(METHODS, "expand_as")(_binary)
+register(FUNCTIONS, torch.mean, torch.sum, torch.amax, torch.amin)(_reduction(("dim", "keepdim")))
+register(METHODS, "mean", "sum", "amax", "amin")(_reduction(("dim", "keepdim")))
+register(FUNCTIONS, torch.norm)(_reduction(("p", "dim", "keepdim")))
+register(METHODS, "norm")(_reduction(("p", "dim", "keepdim")))
+register(FUNCTIONS, torch.linalg.vector_norm)(_reduction(("ord", "dim", "keepdim")))
 
 
-@register(_FUNCTIONS, torch.permute)
+@register(FUNCTIONS, torch.permute)
 def _permute_function(a: Analysis, node: Node, _: None) -> Value | None:
     return a.permute(a.source(node), node.args[1])
 
 
-@register(_METHODS, "permute")
+@register(METHODS, "permute")
 def _permute_method(a: Analysis, node: Node, _: None) -> Value | None:
     dims = node.args[1:]
     return a.permute(a.source(node), dims[0] if len(dims) == 1 else dims)
 
 
-@register(_MODULES, "Permute")  # torchvision.ops.misc.Permute
+@register(MODULES, "Permute")  # torchvision.ops.misc.Permute
 def _permute_module(a: Analysis, node: Node, mod: Any) -> Value | None:
     dims = getattr(mod, "dims", None)
     return None if dims is None else a.permute(a.source(node), dims)
