@@ -213,7 +213,8 @@ def test_planner_quick_run(tmp_path) -> None:
     assert {r["budget"] for r in planned} == {"1.0", "0.25", "min"}
     for row in planned:  # every budget is met, and exactly as predicted
         assert row["fits"] and row["saved_bytes"] == row["predicted_bytes"] <= row["budget_bytes"]
-        assert row["step_ratio"] > 0
+        assert row["step_ratio"] > 0 and row["best_ratio"] > 0
+    assert "Noise: at budget 1.0" in stem.with_suffix(".md").read_text()
     # a method that cannot reach a budget says so instead of measuring another configuration
     assert any(r["method"] == "checkpoint_per_block" and r["fits"] is False for r in rows)
 
