@@ -182,24 +182,28 @@ class _OnGrid(torch.autograd.Function):
         return grad.to(ctx.dtype), None
 
 
-class _AddOnGrid(torch.autograd.Function):
+def _add_on_grid(target: Tensor, x: Tensor, bits: int, sign: int) -> Tensor:
     """``target + sign * quantise(x)`` in one float64 add: ``add(target, n, alpha)``.
 
-    ``n = round(x * 2**bits)`` is an integer in the branch dtype and
-    ``alpha = sign * 2**-bits`` a power of two, so ``alpha * n`` is exact and the
-    one rounding of the sum gives ``target + sign * quantise(x)`` bit for bit,
-    without materialising the float64 rounded branch output. The gradient
-    passes straight through the rounding, as ``quantise``'s does.
+    ``n = round(x * 2**bits)`` is an integer and ``alpha = sign * 2**-bits`` a
+    power of two, so ``alpha * n`` is exact and the one rounding of the sum gives
+    ``target + sign * quantise(x)`` bit for bit, without materialising the
+    float64 rounded branch output. ``n`` is computed at the branch's width (exact
+    there, half the memory traffic of float64) and widened before the add, as a
+    mixed-dtype add takes a slow, unvectorised path; the sum is written into it.
     """
+    n = _grid_integers(x, bits).double()
+    return torch.add(target, n, alpha=sign * 2.0**-bits, out=n)
+
+
+class _AddOnGrid(torch.autograd.Function):
+    """``_add_on_grid`` for autograd (reference mode): the gradient passes straight
+    through the rounding, as ``quantise``'s does."""
 
     @staticmethod
     def forward(ctx, target: Tensor, x: Tensor, bits: int, sign: int) -> Tensor:
         ctx.dtype, ctx.sign = x.dtype, sign
-        # Widened first (a mixed-dtype add takes a slow, unvectorised path), then scaled,
-        # rounded and summed in place: one fresh tensor per update, as fresh large
-        # allocations cost page faults on CPU. Rounding in float64 is exact too.
-        n = x.to(torch.float64, copy=True).mul_(2.0**bits).round_()
-        return torch.add(target, n, alpha=sign * 2.0**-bits, out=n)
+        return _add_on_grid(target, x, bits, sign)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -254,7 +258,10 @@ def _update(
         )
     if grid is None:
         return streams[target] + out if sign > 0 else streams[target] - out
-    updated = _AddOnGrid.apply(streams[target], out, grid.bits, sign)
+    # The reversible forward and backward run without grad: the plain arithmetic,
+    # without the autograd Function's per-call cost.
+    add = _AddOnGrid.apply if torch.is_grad_enabled() else _add_on_grid
+    updated = add(streams[target], out, grid.bits, sign)
     if sign < 0:  # reconstruction: exact by construction, nothing to check
         return updated
     return grid.check(updated, coupling.where)
