@@ -96,6 +96,24 @@ def test_splits_and_half_couplings_bitwise_equal(split: str, half_couplings: boo
     check_inverse(stage, x)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_mixed_half_and_full_couplings_bitwise_equal(layout: str) -> None:
+    """Half-couplings between full ones: a stream read by several branches, whose
+    gradient sums (in float32, as float mode's) must be those of reference mode."""
+    torch.manual_seed(0)
+    spec = StackSpec(4, 3, 4, 3, 9, ("conv3", "bn", "relu"))
+    full = exact_stack(spec, torch.float32)
+    half = exact_stack(spec, torch.float32, half_couplings=True)
+    couplings = [c for pair in zip(full.couplings, half.couplings) for c in pair]
+    stage = ReversibleSequence(couplings, name="stage", exact=True)
+    x = make_input(spec, torch.float32)
+    if layout == "channels_last":
+        stage = stage.to(memory_format=torch.channels_last)
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    assert_bitwise_equal_to_reference(stage, x)
+    check_inverse(stage, x)
+
+
 def test_bfloat16_autocast_bitwise_equal() -> None:
     torch.manual_seed(0)
     spec = StackSpec(4, 4, 6, 3, 24, ("conv3", "bn", "relu", "conv3"))

@@ -81,7 +81,8 @@ class Grid:
     ``2**(53 - bits)`` (``limit``), so ``x1 = y1 - q(F(x2))`` gives back the
     forward's ``x1`` bit for bit when F recomputes deterministically. The
     branches run in ``dtype`` (the stage input's); their outputs are rounded
-    onto the grid by ``quantise``, whose gradient passes straight through.
+    onto the grid by ``quantise``, whose gradient passes straight through,
+    rounded to ``dtype``: the trunk's gradients are in ``dtype``, as in float mode.
     """
 
     bits: int
@@ -198,17 +199,44 @@ def _add_on_grid(target: Tensor, x: Tensor, bits: int, sign: int) -> Tensor:
 
 class _AddOnGrid(torch.autograd.Function):
     """``_add_on_grid`` for autograd (reference mode): the gradient passes straight
-    through the rounding, as ``quantise``'s does."""
+    through the rounding, as ``quantise``'s does, and is rounded to the grid's dtype.
+
+    That rounding keeps the trunk's gradients in the stage input's dtype, as in
+    float mode, so the reversible backward can carry them there: every trunk
+    gradient is the float64 sum of two values of that dtype (the stream's next
+    update and its branch read), whose rounding to that dtype is the rounding of
+    their sum in it (double rounding through float64 is innocuous for a sum).
+    """
 
     @staticmethod
-    def forward(ctx, target: Tensor, x: Tensor, bits: int, sign: int) -> Tensor:
-        ctx.dtype, ctx.sign = x.dtype, sign
-        return _add_on_grid(target, x, bits, sign)
+    def forward(ctx, target: Tensor, x: Tensor, grid: Grid, sign: int) -> Tensor:
+        ctx.dtypes, ctx.sign = (grid.dtype, x.dtype), sign
+        return _add_on_grid(target, x, grid.bits, sign)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        branch = grad.to(ctx.dtype)
-        return grad, (branch if ctx.sign > 0 else -branch), None, None
+        trunk_dtype, branch_dtype = ctx.dtypes
+        trunk = grad.to(trunk_dtype)
+        branch = trunk.to(branch_dtype)
+        return trunk.to(grad.dtype), (branch if ctx.sign > 0 else -branch), None, None
+
+
+class _TrunkGradient(torch.autograd.Function):
+    """The identity, whose backward rounds the gradient to ``dtype`` (in reference mode).
+
+    A half-coupling leaves its second stream as it is, so that stream is read by
+    more than one branch; this node keeps each of its gradient sums to two
+    terms, summed and rounded as the reversible backward sums them.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:
+        ctx.dtype = dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.to(ctx.dtype).to(grad.dtype), None
 
 
 def forward_step(
@@ -223,6 +251,8 @@ def forward_step(
     streams[0] = _update(coupling, "F", streams, call, grid, 1)
     if coupling.G is not None:
         streams[1] = _update(coupling, "G", streams, call, grid, 1)
+    elif grid is not None and torch.is_grad_enabled():
+        streams[1] = _TrunkGradient.apply(streams[1], grid.dtype)
 
 
 def inverse_step(
@@ -260,8 +290,10 @@ def _update(
         return streams[target] + out if sign > 0 else streams[target] - out
     # The reversible forward and backward run without grad: the plain arithmetic,
     # without the autograd Function's per-call cost.
-    add = _AddOnGrid.apply if torch.is_grad_enabled() else _add_on_grid
-    updated = add(streams[target], out, grid.bits, sign)
+    if torch.is_grad_enabled():
+        updated = _AddOnGrid.apply(streams[target], out, grid, sign)
+    else:
+        updated = _add_on_grid(streams[target], out, grid.bits, sign)
     if sign < 0:  # reconstruction: exact by construction, nothing to check
         return updated
     return grid.check(updated, coupling.where)

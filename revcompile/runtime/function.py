@@ -94,9 +94,16 @@ class _ReversibleFunction(torch.autograd.Function):
                 streams = list(kept[0].chunk(2, dim=stage.dim))
             else:
                 streams = list(kept)
-            dy = dy.to(streams[0].dtype)
+            # The trunk's gradients are in the trunk's dtype, an exact trunk's in its
+            # grid's (the stage input's), as reference mode rounds them (``_AddOnGrid``).
+            dy = dy.to(streams[0].dtype if ctx.grid is None else ctx.grid.dtype)
             if stage.split == "halve":
                 dy1, dy2 = dy.chunk(2, dim=stage.dim)
+                if ctx.grid is not None and ctx.grid.dtype != torch.float64:
+                    # Reference mode's rounding from float64 copies these views
+                    # (``_AddOnGrid``): the branches' backward kernels, whose sums
+                    # follow the layout, get the same layout here.
+                    dy1, dy2 = dy1.clone(), dy2.clone()
             else:  # output (y1 + y2) / 2
                 dy1 = dy2 = dy / 2
             del kept, saved, dy
@@ -142,8 +149,7 @@ class _Backprop:
         with self.replay.recompute(fn, next(self.records)), torch.enable_grad():
             out = fn(inp)
         if out.requires_grad:
-            # As autograd casts it (to a bfloat16 branch output; in exact mode
-            # through the rounding's straight-through gradient).
+            # As autograd casts it (to a bfloat16 branch output).
             grad_out = self.grads[out_stream].to(out.dtype)
             grads = torch.autograd.grad(out, [inp, *leaves], grad_out, allow_unused=True)
         else:  # noise, a detached or a frozen branch: nothing depends on its inputs
@@ -152,15 +158,8 @@ class _Backprop:
             if g is not None:
                 self.param_grads[i] = g if i not in self.param_grads else self.param_grads[i] + g
         if grads[0] is not None:
-            self.grads[in_stream] = _accumulate(self.grads[in_stream], grads[0])
+            self.grads[in_stream] = self.grads[in_stream] + grads[0]
         return out.detach()
-
-
-def _accumulate(total: Tensor, grad: Tensor) -> Tensor:
-    """``total + grad``; an exact stage's float32 ``grad`` is widened into a fresh
-    float64 tensor first and summed there (the same sum: addition commutes), not
-    by a slow mixed-dtype add into a second fresh tensor."""
-    return total + grad if grad.dtype == total.dtype else grad.to(total.dtype).add_(total)
 
 
 def _saved_tensors(ctx, stage: ReversibleSequence) -> tuple[Tensor, ...]:
