@@ -12,8 +12,9 @@ autograd Function), ``sequence`` (the stage), ``segment`` (checkpointed
 parts), ``state`` (module state and RNG recorded in forward, replayed in
 recomputation), ``modes`` (``reference_mode``), ``debug``
 (``check_inverse``), ``compiling`` (``torch.compile`` inside the stages:
-``compile_parts``). The runtime imports only torch and the standard
-library; it never imports the compiler passes.
+``compile_parts``), ``trunk_update`` (exact mode's trunk update, fused by
+``torch.compile`` where it can be: ``use_fused_update``). The runtime imports
+only torch and the standard library; it never imports the compiler passes.
 """
 
 from revcompile.runtime.compiling import compile_parts
@@ -22,6 +23,7 @@ from revcompile.runtime.debug import check_inverse
 from revcompile.runtime.modes import in_reference_mode, reference_mode
 from revcompile.runtime.segment import CheckpointedSegment
 from revcompile.runtime.sequence import ReversibleSequence, Split
+from revcompile.runtime.trunk_update import use_fused_update
 
 __all__ = [
     "AdditiveCoupling",
@@ -32,4 +34,5 @@ __all__ = [
     "compile_parts",
     "in_reference_mode",
     "reference_mode",
+    "use_fused_update",
 ]

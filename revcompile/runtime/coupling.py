@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from revcompile.runtime.errors import ExactRangeError
+from revcompile.runtime.trunk_update import add_on_grid, grid_integers, update_on_grid
 
 __all__ = [
     "AdditiveCoupling",
@@ -96,13 +97,19 @@ class Grid:
         """``x`` rounded onto the grid, as float64; the gradient is the identity."""
         return _OnGrid.apply(x, self.bits)
 
-    def check(self, x: Tensor, where: str) -> Tensor:
-        """``x``, after checking that it lies in the exact range (and is finite)."""
-        if is_fake(x) or x.numel() == 0:
-            return x
-        # One pass (aminmax) rather than abs, compare and all: the check runs on every
-        # trunk update. A NaN makes both extremes NaN, so the comparison fails too.
-        low, high = torch.aminmax(x)
+    def check(self, x: Tensor, where: str, extremes: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``x``, after checking that it lies in the exact range (and is finite).
+
+        ``extremes``: ``x``'s min and max where the caller computed them already.
+        """
+        if extremes is None:
+            if is_fake(x) or x.numel() == 0:
+                return x
+            # One pass (aminmax) rather than abs, compare and all: the check runs on
+            # every trunk update.
+            extremes = torch.aminmax(x)
+        low, high = extremes
+        # A NaN makes both extremes NaN, so the comparison fails too.
         if not bool((low > -self.limit) & (high < self.limit)):
             raise self._range_error(x.abs().max().item(), where)
         return x
@@ -157,17 +164,6 @@ class Grid:
         )
 
 
-def _grid_integers(x: Tensor, bits: int) -> Tensor:
-    """``round(x * 2**bits)``, computed exactly in ``x``'s dtype (float16: in float32).
-
-    Scaling by a power of two and rounding to an integer are exact in the
-    branch's dtype (float16 excepted: ``2**bits`` overflows it), so this equals
-    rounding in float64 at half the memory traffic.
-    """
-    wide = x.float() if x.dtype == torch.float16 else x
-    return (wide * 2.0**bits).round_()
-
-
 class _OnGrid(torch.autograd.Function):
     """Round to multiples of ``2**-bits`` in float64 (exact: scaling by a power of two)."""
 
@@ -176,29 +172,15 @@ class _OnGrid(torch.autograd.Function):
         ctx.dtype = x.dtype
         # Multiples of 2**-bits >= 2**-52 are normal numbers: scaling back is exact
         # too, and widening last keeps three of the four passes at the narrow width.
-        return _grid_integers(x, bits).mul_(2.0**-bits).double()
+        return grid_integers(x, bits).mul_(2.0**-bits).double()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad.to(ctx.dtype), None
 
 
-def _add_on_grid(target: Tensor, x: Tensor, bits: int, sign: int) -> Tensor:
-    """``target + sign * quantise(x)`` in one float64 add: ``add(target, n, alpha)``.
-
-    ``n = round(x * 2**bits)`` is an integer and ``alpha = sign * 2**-bits`` a
-    power of two, so ``alpha * n`` is exact and the one rounding of the sum gives
-    ``target + sign * quantise(x)`` bit for bit, without materialising the
-    float64 rounded branch output. ``n`` is computed at the branch's width (exact
-    there, half the memory traffic of float64) and widened before the add, as a
-    mixed-dtype add takes a slow, unvectorised path; the sum is written into it.
-    """
-    n = _grid_integers(x, bits).double()
-    return torch.add(target, n, alpha=sign * 2.0**-bits, out=n)
-
-
 class _AddOnGrid(torch.autograd.Function):
-    """``_add_on_grid`` for autograd (reference mode): the gradient passes straight
+    """``add_on_grid`` for autograd (reference mode): the gradient passes straight
     through the rounding, as ``quantise``'s does, and is rounded to the grid's dtype.
 
     That rounding keeps the trunk's gradients in the stage input's dtype, as in
@@ -211,7 +193,7 @@ class _AddOnGrid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, target: Tensor, x: Tensor, grid: Grid, sign: int) -> Tensor:
         ctx.dtypes, ctx.sign = (grid.dtype, x.dtype), sign
-        return _add_on_grid(target, x, grid.bits, sign)
+        return add_on_grid(target, x, grid.bits, sign)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -288,12 +270,11 @@ def _update(
         )
     if grid is None:
         return streams[target] + out if sign > 0 else streams[target] - out
-    # The reversible forward and backward run without grad: the plain arithmetic,
-    # without the autograd Function's per-call cost.
+    # The reversible forward and backward run without grad: the plain (or fused)
+    # arithmetic, without the autograd Function's per-call cost. Reconstruction
+    # (sign < 0) is exact by construction: nothing to check.
     if torch.is_grad_enabled():
-        updated = _AddOnGrid.apply(streams[target], out, grid, sign)
+        updated, extremes = _AddOnGrid.apply(streams[target], out, grid, sign), None
     else:
-        updated = _add_on_grid(streams[target], out, grid.bits, sign)
-    if sign < 0:  # reconstruction: exact by construction, nothing to check
-        return updated
-    return grid.check(updated, coupling.where)
+        updated, extremes = update_on_grid(streams[target], out, grid.bits, sign, sign > 0)
+    return updated if sign < 0 else grid.check(updated, coupling.where, extremes)
