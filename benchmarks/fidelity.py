@@ -115,8 +115,9 @@ def revlib_form(gm: nn.Module, no_savings: bool) -> tuple[nn.Module, list[nn.Par
 
     Each ``ReversibleSequence`` becomes ``revlib.ReversibleSequential(F0, G0,
     F1, G1, ...)``: revlib computes ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``
-    on the halves of its input, the same function. Returns the copy and its
-    parameters in the order of ``gm.parameters()``.
+    on the halves of its input, the same function (a half-coupling's missing G
+    is ``_NoBranch``: ``y2 = x2 + 0 = x2``). Returns the copy and its parameters
+    in the order of ``gm.parameters()``.
     """
     import revlib
 
@@ -125,13 +126,21 @@ def revlib_form(gm: nn.Module, no_savings: bool) -> tuple[nn.Module, list[nn.Par
     mode = revlib.MemoryModes.no_savings if no_savings else revlib.MemoryModes.autograd_function
     for name, stage in list(copied.named_children()):
         if isinstance(stage, ReversibleSequence):
-            halves = [fn for c in stage.couplings for fn in (c.F, c.G)]
+            halves = [fn for c in stage.couplings for fn in (c.F, c.G or _NoBranch())]
             setattr(
                 copied,
                 name,
                 revlib.ReversibleSequential(*halves, split_dim=stage.dim, memory_mode=mode),
             )
     return copied, [memo[id(p)] for p in gm.parameters()]
+
+
+class _NoBranch(nn.Module):
+    """A half-coupling's G for revlib, which needs one: zero, so ``x2 + G(y1)`` is ``x2``
+    bit for bit, and still differentiable (revlib differentiates every branch)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * 0
 
 
 def flat_gradient(

@@ -57,8 +57,10 @@ class ReversibleSequence(nn.Module):
     gradients equal reference_mode's exactly (given deterministic F and G, as
     on CPU; on CUDA use ``torch.use_deterministic_algorithms(True)`` and verify
     with ``check_inverse``). A trunk value leaving the exact range
-    ``+-2**(53 - exact_bits)`` raises OverflowError. The stage saves its two
-    final streams in float64.
+    ``+-2**(53 - exact_bits)`` raises OverflowError. The trunk's gradients stay
+    in the input's dtype, as in float mode. The stage saves its output and a
+    residual in its dtype that restores the float64 streams (the streams where
+    that does not fit).
     """
 
     def __init__(
