@@ -94,9 +94,8 @@ class _ReversibleFunction(torch.autograd.Function):
                 streams = list(kept[0].chunk(2, dim=stage.dim))
             else:
                 streams = list(kept)
-            # The trunk's gradients are in the trunk's dtype, an exact trunk's in its
-            # grid's (the stage input's), as reference mode rounds them (``_AddOnGrid``).
-            dy = dy.to(streams[0].dtype if ctx.grid is None else ctx.grid.dtype)
+            # dy is in the output's dtype, the stage input's: that of the trunk's
+            # gradients in both modes (reference mode rounds an exact trunk's to it).
             if stage.split == "halve":
                 dy1, dy2 = dy.chunk(2, dim=stage.dim)
                 if ctx.grid is not None and ctx.grid.dtype != torch.float64:

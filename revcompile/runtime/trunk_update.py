@@ -107,7 +107,8 @@ def _eager(
 
 
 def _fusable(target: Tensor, x: Tensor) -> bool:
-    """Whether the compiled kernel applies: large, contiguous, plain CPU/CUDA tensors."""
+    """Whether the compiled kernel applies: large, contiguous, plain CPU/CUDA tensors
+    (``type(...) is Tensor`` excludes fake and other subclass tensors)."""
     return (
         _fusion["enabled"]
         and type(target) is Tensor
@@ -118,7 +119,6 @@ def _fusable(target: Tensor, x: Tensor) -> bool:
         and target.shape == x.shape
         and target.is_contiguous()
         and x.is_contiguous()
-        and not is_fake(target)
         and not torch.compiler.is_compiling()
     )
 
